@@ -1,0 +1,310 @@
+"""The mergekit adapter: the ``safemerge`` merge method for mergekit 0.1.5.
+
+mergekit does the I/O, scheduling and devices and calls :meth:`SafeMergeMethod.merge_group`
+once per output tensor with the four inputs (base = aligned; non-base = unaligned, finetuned,
+safety, told apart by the per-model ``role`` parameter). This module only routes tensors to the
+pure functions of :mod:`.criterion`, :mod:`.selection` and :mod:`.combine` and records what was
+decided (:mod:`.report`).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Literal
+
+import torch
+from mergekit.merge_methods.base import (
+    BasePolicy,
+    GroupMergeMethod,
+    InputContract,
+    MergeMethodSpec,
+    ParameterScope,
+    ParameterSpec,
+    PerInputValues,
+    TensorEntry,
+    TensorGroup,
+    TensorMetadata,
+)
+from pydantic import Field
+from typing_extensions import Annotated
+
+from mergekit_safemerge import METHOD_NAME
+from mergekit_safemerge.combine import (
+    CombineRule,
+    dare_linear_combine,
+    linear_combine,
+    tensor_seed,
+    ties_combine,
+)
+from mergekit_safemerge.criterion import (
+    WORK_DTYPE,
+    alignment_cosine,
+    frobenius_norm,
+    update_cosine,
+)
+from mergekit_safemerge.errors import SafeMergeError
+from mergekit_safemerge.report import KEPT, MERGED, MatrixRecord, collect
+from mergekit_safemerge.selection import threshold_selects
+
+ROLES = ("unaligned", "finetuned", "safety")
+Role = Literal["unaligned", "finetuned", "safety"]
+UnitInterval = Annotated[float, Field(ge=0.0, le=1.0)]
+Density = Annotated[float, Field(gt=0.0, le=1.0)]
+CombineName = Literal["linear", "dare_linear", "ties"]
+
+DEFAULT_THRESHOLD = 0.35
+DEFAULT_SAFETY_WEIGHT = 0.2
+
+PARAMETERS = (
+    ParameterSpec(
+        "role", Role, ParameterScope.NON_BASE, description="unaligned, finetuned or safety"
+    ),
+    ParameterSpec(
+        "threshold",
+        UnitInterval,
+        ParameterScope.SHARED,
+        default=DEFAULT_THRESHOLD,
+        description="merge a matrix when rho < threshold",
+    ),
+    ParameterSpec(
+        "safety_weight",
+        UnitInterval,
+        ParameterScope.SHARED,
+        default=DEFAULT_SAFETY_WEIGHT,
+        description="a in W = W_aligned + (1 - a) D + a S",
+    ),
+    ParameterSpec(
+        "targets",
+        str,
+        ParameterScope.SHARED,
+        default="",
+        description="comma-separated module names; empty: every 2-D non-vocabulary weight",
+    ),
+    ParameterSpec(
+        "combine",
+        CombineName,
+        ParameterScope.SHARED,
+        default=CombineRule.linear.value,
+        description="merge rule for a selected matrix: linear, dare_linear or ties",
+    ),
+    ParameterSpec(
+        "density",
+        Density,
+        ParameterScope.SHARED,
+        default=1.0,
+        description="fraction of D and S kept by dare_linear and ties",
+    ),
+)
+
+_TARGET_PATTERN = re.compile(r"^[A-Za-z0-9_.]+$")
+
+
+def parse_targets(targets: str) -> tuple[str, ...]:
+    """``"q_proj, v_proj"`` -> ``("q_proj", "v_proj")``; empty means every candidate."""
+    names = tuple(t.strip() for t in targets.split(",") if t.strip())
+    for name in names:
+        if not _TARGET_PATTERN.match(name):
+            raise SafeMergeError(
+                f"parameters.targets: {name!r} is not a module name (letters, digits, '_', '.')"
+            )
+    return names
+
+
+def module_name(tensor_name: str) -> str:
+    """``model.layers.0.self_attn.q_proj.weight`` -> ``model.layers.0.self_attn.q_proj``."""
+    return tensor_name[: -len(".weight")] if tensor_name.endswith(".weight") else tensor_name
+
+
+def matches_targets(tensor_name: str, targets: tuple[str, ...]) -> bool:
+    """PEFT-style suffix match of the module path: ``q_proj`` or ``self_attn.q_proj``."""
+    if not targets:
+        return True
+    module = module_name(tensor_name)
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
+def is_candidate(
+    tensor_name: str, ndim: int, vocabulary_axis: int | None, targets: tuple[str, ...]
+) -> bool:
+    """A candidate is a 2-D, non-vocabulary weight inside ``targets``; the rest passes through."""
+    return ndim == 2 and vocabulary_axis is None and matches_targets(tensor_name, targets)
+
+
+def entries_by_role(group: TensorGroup, role: PerInputValues) -> dict[str, TensorEntry]:
+    """Map each role to its entry; exactly one model per role, the aligned model is the base."""
+    if group.base is None:
+        raise SafeMergeError(
+            f"safemerge needs base_model (the aligned model) for tensor {group.metadata.name}"
+        )
+    found: dict[str, TensorEntry] = {"aligned": group.base}
+    for entry in group.non_base:
+        name = role[entry.id]
+        if name not in ROLES:
+            raise SafeMergeError(
+                f"model {entry.id}: parameters.role {name!r} is not one of {', '.join(ROLES)}"
+            )
+        if name in found:
+            raise SafeMergeError(
+                f"role {name!r} is given to two models: {found[name].id} and {entry.id}"
+            )
+        found[name] = entry
+    missing = [name for name in ROLES if name not in found]
+    if missing:
+        raise SafeMergeError(f"no model has role {missing[0]!r} (each of {', '.join(ROLES)} once)")
+    return found
+
+
+def _check_inputs(tensor_name: str, inputs: dict[str, TensorEntry]) -> None:
+    aligned = inputs["aligned"].tensor
+    for role_name, entry in inputs.items():
+        if entry.tensor.shape != aligned.shape:
+            raise SafeMergeError(
+                f"tensor {tensor_name}: shape {tuple(entry.tensor.shape)} in model {entry.id} "
+                f"({role_name}) differs from {tuple(aligned.shape)} in aligned model "
+                f"{inputs['aligned'].id}"
+            )
+        if not bool(torch.isfinite(entry.tensor).all()):
+            raise SafeMergeError(
+                f"tensor {tensor_name} of model {entry.id} ({role_name}) contains NaN or Inf"
+            )
+
+
+def merge_matrix(
+    tensor_name: str,
+    aligned: torch.Tensor,
+    unaligned: torch.Tensor,
+    finetuned: torch.Tensor,
+    safety: torch.Tensor,
+    *,
+    threshold: float,
+    safety_weight: float,
+    combine: str = CombineRule.linear.value,
+    density: float = 1.0,
+    seed: int = 0,
+) -> tuple[torch.Tensor, MatrixRecord]:
+    """SafeMERGE for one candidate matrix: the output matrix and the record of the decision.
+
+    ``D = W_ft - W_al``, ``S = W_safety - W_al``, ``V = W_al - W_unal`` (float32). ``D = 0``
+    keeps the matrix; otherwise ``rho = cos(C D, D)`` and, when ``rho < threshold``, the
+    ``combine`` rule mixes ``D`` and ``S``. A kept matrix is the fine-tuned tensor itself.
+    """
+    base = aligned.to(WORK_DTYPE)
+    delta = finetuned.to(WORK_DTYPE) - base
+    safety_delta = safety.to(WORK_DTYPE) - base
+    alignment = base - unaligned.to(WORK_DTYPE)
+
+    delta_norm = frobenius_norm(delta)
+    alignment_norm = frobenius_norm(alignment)
+
+    def record(rho: float | None, decision: str, reason: str) -> MatrixRecord:
+        return MatrixRecord(
+            name=tensor_name,
+            shape=(int(finetuned.shape[0]), int(finetuned.shape[1])),
+            rho=rho,
+            threshold=float(threshold),
+            decision=decision,
+            reason=reason,
+            delta_norm=delta_norm,
+            safety_norm=frobenius_norm(safety_delta),
+            alignment_norm=alignment_norm,
+            delta_safety_cosine=update_cosine(delta, safety_delta),
+        )
+
+    if delta_norm == 0.0:
+        return finetuned, record(None, KEPT, "D = 0: the fine-tune left this matrix unchanged")
+
+    rho = alignment_cosine(delta, alignment)
+    prefix = "V = 0 (alignment left this matrix unchanged), rho = 0 by definition; " if (
+        alignment_norm == 0.0
+    ) else ""
+    if not threshold_selects(rho, threshold):
+        return finetuned, record(rho, KEPT, f"{prefix}rho {rho:.4f} >= threshold {threshold:g}")
+
+    if combine == CombineRule.linear:
+        merged = linear_combine(base, delta, safety_delta, safety_weight)
+    elif combine == CombineRule.dare_linear:
+        merged = dare_linear_combine(base, delta, safety_delta, safety_weight, density, seed)
+    elif combine == CombineRule.ties:
+        merged = ties_combine(base, delta, safety_delta, safety_weight, density)
+    else:
+        raise SafeMergeError(f"parameters.combine {combine!r} is not one of linear, dare_linear, ties")
+    reason = f"{prefix}rho {rho:.4f} < threshold {threshold:g}"
+    return merged.to(finetuned.dtype), record(rho, MERGED, reason)
+
+
+class SafeMergeMethod(GroupMergeMethod):
+    """SafeMERGE (Djuhera et al., arXiv 2503.17239) as a mergekit group method."""
+
+    spec = MergeMethodSpec(
+        name=METHOD_NAME,
+        pretty_name="SafeMERGE",
+        reference_url="https://arxiv.org/abs/2503.17239",
+        parameters=PARAMETERS,
+        contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=3, max_non_base=3),
+    )
+
+    def merge_group(
+        self,
+        group: TensorGroup,
+        /,
+        *,
+        role: PerInputValues,
+        threshold: float,
+        safety_weight: float,
+        targets: str,
+        combine: str,
+        density: float,
+    ) -> torch.Tensor:
+        inputs = entries_by_role(group, role)
+        finetuned = inputs["finetuned"].tensor
+        metadata: TensorMetadata = group.metadata
+        name = metadata.name or "<unnamed tensor>"
+        if not is_candidate(name, finetuned.ndim, metadata.vocabulary_axis, parse_targets(targets)):
+            return finetuned
+        _check_inputs(name, inputs)
+        merged, record = merge_matrix(
+            name,
+            inputs["aligned"].tensor,
+            inputs["unaligned"].tensor,
+            finetuned,
+            inputs["safety"].tensor,
+            threshold=threshold,
+            safety_weight=safety_weight,
+            combine=combine,
+            density=density,
+            # mergekit's --random-seed seeds torch; a per-tensor seed derived from it keeps
+            # dare_linear reproducible whatever order the tensors are executed in.
+            seed=tensor_seed(torch.initial_seed(), name),
+        )
+        collect(record)
+        return merged
+
+
+SAFEMERGE = SafeMergeMethod()
+
+
+def register_method() -> None:
+    """Add ``safemerge`` to mergekit's registry (idempotent)."""
+    from mergekit.merge_methods import registry
+
+    for method in registry.registered_methods():
+        if method.spec.name == METHOD_NAME:
+            if not isinstance(method, SafeMergeMethod):
+                raise RuntimeError(f"another merge method named {METHOD_NAME!r} is registered")
+            return
+    registry.register(SAFEMERGE)
+
+
+def _finish_deferred_registration() -> None:
+    # Importing this module imports mergekit.merge_methods, whose import hook may have had to
+    # wait for this module to finish executing (see _autoload._register_method).
+    autoload = sys.modules.get("mergekit_safemerge._autoload")
+    if autoload is not None:
+        try:
+            autoload.method_module_ready()
+        except Exception as error:  # never break an import over registration
+            autoload._warn("register the safemerge method", error)
+
+
+_finish_deferred_registration()

@@ -1,0 +1,187 @@
+"""The per-tensor flow of the mergekit adapter: decisions, candidates, roles and bad tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import oracle_rho
+from mergekit.merge_methods import TensorGroup
+
+from mergekit_safemerge.errors import SafeMergeError
+from mergekit_safemerge.method import (
+    SAFEMERGE,
+    is_candidate,
+    matches_targets,
+    merge_matrix,
+    parse_targets,
+)
+from mergekit_safemerge.report import KEPT, MERGED, start_collecting, stop_collecting
+
+IDS = ("aligned", "unaligned", "finetuned", "safety")
+ROLE = {"unaligned": "unaligned", "finetuned": "finetuned", "safety": "safety"}
+
+
+def _matrices(shape=(12, 20), seed=0, rank=2):
+    g = torch.Generator().manual_seed(seed)
+    unaligned = torch.randn(shape, generator=g)
+    aligned = unaligned + 0.1 * torch.randn(shape, generator=g)
+    delta = torch.randn(shape[0], rank, generator=g) @ torch.randn(rank, shape[1], generator=g)
+    finetuned = aligned + 0.01 * delta
+    safety = aligned + 0.01 * torch.randn(shape, generator=g)
+    return {"aligned": aligned, "unaligned": unaligned, "finetuned": finetuned, "safety": safety}
+
+
+def _group(tensors, name="model.layers.0.self_attn.q_proj.weight", vocabulary_axis=None, ids=IDS):
+    return TensorGroup.from_tensors(
+        [tensors[i] for i in IDS], ids=ids, base_index=0, name=name, vocabulary_axis=vocabulary_axis
+    )
+
+
+def _run(group, **parameters):
+    defaults = {"role": ROLE, "threshold": 0.35, "safety_weight": 0.2}
+    (result,) = SAFEMERGE([group], parameters={**defaults, **parameters})
+    return result
+
+
+def _rho(m):
+    return oracle_rho(m["finetuned"].double() - m["aligned"].double(),
+                      m["aligned"].double() - m["unaligned"].double())
+
+
+def test_threshold_just_above_and_below_rho():
+    m = _matrices()
+    rho = _rho(m)
+    merged, rec = merge_matrix("w", m["aligned"], m["unaligned"], m["finetuned"], m["safety"],
+                               threshold=rho + 1e-4, safety_weight=0.2)
+    assert rec.decision == MERGED and rec.rho == pytest.approx(rho, rel=1e-5)
+    expected = m["aligned"] + 0.8 * (m["finetuned"] - m["aligned"]) + 0.2 * (m["safety"] - m["aligned"])
+    assert torch.allclose(merged, expected, atol=1e-6)
+    kept, rec = merge_matrix("w", m["aligned"], m["unaligned"], m["finetuned"], m["safety"],
+                             threshold=rho - 1e-4, safety_weight=0.2)
+    assert rec.decision == KEPT and kept is m["finetuned"]
+
+
+def test_strict_inequality_at_rho_equal_threshold():
+    m = _matrices()
+    rho = merge_matrix("w", *(m[k] for k in ("aligned", "unaligned", "finetuned", "safety")),
+                       threshold=0.0, safety_weight=0.2)[1].rho
+    _, rec = merge_matrix("w", m["aligned"], m["unaligned"], m["finetuned"], m["safety"],
+                          threshold=rho, safety_weight=0.2)
+    assert rec.decision == KEPT
+
+
+def test_zero_update_keeps_the_matrix():
+    m = _matrices()
+    m["finetuned"] = m["aligned"].clone()
+    out, rec = merge_matrix("w", m["aligned"], m["unaligned"], m["finetuned"], m["safety"],
+                            threshold=1.0, safety_weight=0.2)
+    assert out is m["finetuned"] and rec.decision == KEPT and rec.rho is None
+    assert rec.reason.startswith("D = 0")
+
+
+def test_zero_alignment_gives_rho_zero_and_is_recorded():
+    m = _matrices()
+    m["unaligned"] = m["aligned"].clone()
+    _, rec = merge_matrix("w", m["aligned"], m["unaligned"], m["finetuned"], m["safety"],
+                          threshold=0.35, safety_weight=0.2)
+    assert rec.rho == 0.0 and rec.alignment_norm == 0.0 and rec.decision == MERGED
+    assert rec.reason.startswith("V = 0")
+    _, rec = merge_matrix("w", m["aligned"], m["unaligned"], m["finetuned"], m["safety"],
+                          threshold=0.0, safety_weight=0.2)
+    assert rec.decision == KEPT
+
+
+def test_record_fields_match_oracle():
+    m = _matrices(seed=3)
+    d = m["finetuned"] - m["aligned"]
+    s = m["safety"] - m["aligned"]
+    v = m["aligned"] - m["unaligned"]
+    _, rec = merge_matrix("x.weight", m["aligned"], m["unaligned"], m["finetuned"], m["safety"],
+                          threshold=0.5, safety_weight=0.2)
+    assert rec.shape == (12, 20)
+    assert rec.delta_norm == pytest.approx(float(d.norm()), rel=1e-5)
+    assert rec.safety_norm == pytest.approx(float(s.norm()), rel=1e-5)
+    assert rec.alignment_norm == pytest.approx(float(v.norm()), rel=1e-5)
+    cos = float((d.double() * s.double()).sum() / (d.double().norm() * s.double().norm()))
+    assert rec.delta_safety_cosine == pytest.approx(cos, rel=1e-4, abs=1e-6)
+
+
+def test_targets_and_candidates():
+    assert parse_targets(" q_proj, v_proj ,") == ("q_proj", "v_proj")
+    assert parse_targets("") == ()
+    with pytest.raises(SafeMergeError, match="targets"):
+        parse_targets("q_proj;v_proj")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert matches_targets(name, ("q_proj",))
+    assert matches_targets(name, ("self_attn.q_proj",))
+    assert not matches_targets(name, ("proj",))
+    assert not matches_targets("model.layers.0.self_attn.k_proj.weight", ("q_proj", "v_proj"))
+    assert is_candidate(name, 2, None, ())
+    assert not is_candidate(name, 1, None, ())
+    assert not is_candidate("model.embed_tokens.weight", 2, 0, ())
+
+
+def test_group_flow_merges_only_candidates():
+    m = _matrices()
+    collector = start_collecting()
+    try:
+        merged = _run(_group(m), threshold=1.0)
+        outside = _run(_group(m, name="model.layers.0.self_attn.k_proj.weight"), threshold=1.0,
+                       targets="q_proj")
+        vocab = _run(_group(m, name="model.embed_tokens.weight", vocabulary_axis=0), threshold=1.0)
+        bias = _run(_group({k: t[0] for k, t in m.items()}, name="model.layers.0.q_proj.bias"),
+                    threshold=1.0)
+    finally:
+        stop_collecting()
+    assert not torch.equal(merged, m["finetuned"])
+    for result, source in ((outside, m["finetuned"]), (vocab, m["finetuned"]), (bias, m["finetuned"][0])):
+        assert torch.equal(result, source)
+    assert [r.name for r in collector.records] == ["model.layers.0.self_attn.q_proj.weight"]
+
+
+def test_output_keeps_input_dtype():
+    m = {k: t.to(torch.bfloat16) for k, t in _matrices().items()}
+    (result,) = SAFEMERGE([_group(m)], parameters={"role": ROLE, "threshold": 1.0,
+                                                   "safety_weight": 0.2}, dtype=torch.bfloat16)
+    assert result.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("bad", ["unaligned", "finetuned", "safety", "aligned"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_candidate_names_tensor_and_model(bad, value):
+    m = _matrices()
+    m[bad] = m[bad].clone()
+    m[bad][1, 2] = value
+    with pytest.raises(SafeMergeError, match=rf"q_proj.weight of model {bad} \({bad}\)"):
+        _run(_group(m))
+
+
+def test_duplicate_role_in_group():
+    m = _matrices()
+    with pytest.raises(SafeMergeError, match="role 'safety' is given to two models"):
+        _run(_group(m), role={"unaligned": "safety", "finetuned": "finetuned", "safety": "safety"})
+
+
+def test_dare_linear_is_per_tensor_deterministic_whatever_the_order():
+    names = [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(3)]
+    inputs = {name: _matrices(seed=i) for i, name in enumerate(names)}
+
+    def run(order):
+        torch.manual_seed(1234)  # what mergekit's --random-seed does
+        return {n: _run(_group(inputs[n], name=n), threshold=1.0, combine="dare_linear",
+                        density=0.5) for n in order}
+
+    forward, backward = run(names), run(names[::-1])
+    for name in names:
+        assert torch.equal(forward[name], backward[name])
+    torch.manual_seed(99)
+    other = _run(_group(inputs[names[0]], name=names[0]), threshold=1.0, combine="dare_linear",
+                 density=0.5)
+    assert not torch.equal(other, forward[names[0]])
+
+
+@pytest.mark.parametrize("combine", ["dare_linear", "ties"])
+def test_unselected_matrices_are_never_sparsified(combine):
+    m = _matrices()
+    result = _run(_group(m), threshold=0.0, combine=combine, density=0.3)
+    assert torch.equal(result, m["finetuned"])
