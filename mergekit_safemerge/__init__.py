@@ -20,9 +20,10 @@ def register() -> None:
     Idempotent. For programs that run with the automatic registration turned off
     (``MERGEKIT_SAFEMERGE_AUTOLOAD=0`` or ``python -S``) or that want it explicit.
     """
-    from mergekit_safemerge import _autoload, registration
+    from mergekit_safemerge import _autoload
+    from mergekit_safemerge.method import register_method
 
-    registration.register_method()
+    register_method()
     _autoload.hook_run_merge()
 
 

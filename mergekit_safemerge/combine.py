@@ -28,7 +28,9 @@ def linear_combine(
 ) -> torch.Tensor:
     """The paper's rule: ``W = W_aligned + (1 - a) D + a S`` (all ``out x in``)."""
     a = float(safety_weight)
-    return aligned.to(WORK_DTYPE) + (1.0 - a) * delta.to(WORK_DTYPE) + a * safety_delta.to(WORK_DTYPE)
+    return (
+        aligned.to(WORK_DTYPE) + (1.0 - a) * delta.to(WORK_DTYPE) + a * safety_delta.to(WORK_DTYPE)
+    )
 
 
 def tensor_seed(base_seed: int, tensor_name: str) -> int:

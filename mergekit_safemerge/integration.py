@@ -51,7 +51,7 @@ def _files_under(path: str) -> dict[str, float]:
 
 
 def remove_partial_output(out_path: str, before: dict[str, float] | None) -> None:
-    """Delete what a failed run wrote: the folder if the run created it, else new or changed files."""
+    """Delete what a failed run wrote: the folder if it created it, else new or changed files."""
     if before is None:
         shutil.rmtree(out_path, ignore_errors=True)
         return

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from mergekit.merge_methods.base import (
@@ -27,7 +27,6 @@ from mergekit.merge_methods.base import (
     TensorMetadata,
 )
 from pydantic import Field
-from typing_extensions import Annotated
 
 from mergekit_safemerge import METHOD_NAME
 from mergekit_safemerge.combine import (
@@ -215,9 +214,11 @@ def merge_matrix(
         return finetuned, record(None, KEPT, "D = 0: the fine-tune left this matrix unchanged")
 
     rho = alignment_cosine(delta, alignment)
-    prefix = "V = 0 (alignment left this matrix unchanged), rho = 0 by definition; " if (
-        alignment_norm == 0.0
-    ) else ""
+    prefix = (
+        "V = 0 (alignment left this matrix unchanged), rho = 0 by definition; "
+        if (alignment_norm == 0.0)
+        else ""
+    )
     if not threshold_selects(rho, threshold):
         return finetuned, record(rho, KEPT, f"{prefix}rho {rho:.4f} >= threshold {threshold:g}")
 
@@ -228,7 +229,9 @@ def merge_matrix(
     elif combine == CombineRule.ties:
         merged = ties_combine(base, delta, safety_delta, safety_weight, density)
     else:
-        raise SafeMergeError(f"parameters.combine {combine!r} is not one of linear, dare_linear, ties")
+        raise SafeMergeError(
+            f"parameters.combine {combine!r} is not one of linear, dare_linear, ties"
+        )
     reason = f"{prefix}rho {rho:.4f} < threshold {threshold:g}"
     return merged.to(finetuned.dtype), record(rho, MERGED, reason)
 

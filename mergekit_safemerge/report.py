@@ -172,9 +172,7 @@ def read_report(path: str) -> dict[str, Any]:
 
 def _merged_blocks(report: dict[str, Any], module: str) -> str:
     blocks = [
-        m["block"]
-        for m in report["matrices"]
-        if m["module"] == module and m["decision"] == MERGED
+        m["block"] for m in report["matrices"] if m["module"] == module and m["decision"] == MERGED
     ]
     if not blocks:
         return "-"
@@ -215,7 +213,10 @@ def model_card_section(report: dict[str, Any]) -> str:
 def terminal_summary(report: dict[str, Any]) -> str:
     """One screen: totals, a row per module type, and which blocks were merged."""
     summary = report["summary"]
-    header = f"{'module':<14}{'cand.':>6}{'changed':>8}{'merged':>7}  {'rho min/med/max':<19}  merged blocks"
+    header = (
+        f"{'module':<14}{'cand.':>6}{'changed':>8}{'merged':>7}  {'rho min/med/max':<19}"
+        "  merged blocks"
+    )
     lines = [
         f"SafeMERGE: merged {summary['merged']} of {summary['changed']} changed matrices "
         f"({summary['candidates']} candidates)",

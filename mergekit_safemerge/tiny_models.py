@@ -72,8 +72,9 @@ def _orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tens
     return q[:, :cols]
 
 
-def alignment_update(shape: Sequence[int], generator: torch.Generator, rank: int = 4,
-                     noise: float = 0.02) -> torch.Tensor:
+def alignment_update(
+    shape: Sequence[int], generator: torch.Generator, rank: int = 4, noise: float = 0.02
+) -> torch.Tensor:
     """``V`` = strong rank-``rank`` part (Frobenius norm 1) + weak full-rank noise."""
     out_features, in_features = shape
     u = _orthonormal(out_features, rank, generator)
@@ -85,8 +86,13 @@ def alignment_update(shape: Sequence[int], generator: torch.Generator, rank: int
     return strong + noise * noise_part / torch.linalg.vector_norm(noise_part)
 
 
-def mixed_update(alignment: torch.Tensor, inside: float, generator: torch.Generator,
-                 rank: int = 2, scale: float = 0.5) -> torch.Tensor:
+def mixed_update(
+    alignment: torch.Tensor,
+    inside: float,
+    generator: torch.Generator,
+    rank: int = 2,
+    scale: float = 0.5,
+) -> torch.Tensor:
     """A rank-``2 rank`` update ``D``: fraction ``inside`` of it lies in ``V``'s top directions."""
     out_features, in_features = alignment.shape
     u, _, _ = torch.linalg.svd(alignment, full_matrices=False)
@@ -104,8 +110,9 @@ def mixed_update(alignment: torch.Tensor, inside: float, generator: torch.Genera
     return scale * update / torch.linalg.vector_norm(update)
 
 
-def low_rank_update(shape: Sequence[int], generator: torch.Generator, rank: int = 2,
-                    scale: float = 0.3) -> torch.Tensor:
+def low_rank_update(
+    shape: Sequence[int], generator: torch.Generator, rank: int = 2, scale: float = 0.3
+) -> torch.Tensor:
     out_features, in_features = shape
     update = torch.randn(out_features, rank, generator=generator) @ torch.randn(
         rank, in_features, generator=generator
@@ -151,7 +158,9 @@ def build_role_models(
 
     unaligned = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
     aligned, finetuned, safety = dict(unaligned), dict(unaligned), dict(unaligned)
-    target_names = sorted(n for n, t in unaligned.items() if _is_matrix(n, t) and _is_target(n, targets))
+    target_names = sorted(
+        n for n, t in unaligned.items() if _is_matrix(n, t) and _is_target(n, targets)
+    )
     # Spread the share of D inside V over [0, 1], in a seeded order over the target matrices.
     order = torch.randperm(len(target_names), generator=generator).tolist()
     steps = max(len(target_names) - 1, 1)
@@ -170,7 +179,7 @@ def build_role_models(
             safety[name] = aligned[name]
 
     paths = {}
-    for role, state in zip(ROLE_FOLDERS, (unaligned, aligned, finetuned, safety)):
+    for role, state in zip(ROLE_FOLDERS, (unaligned, aligned, finetuned, safety), strict=True):
         path = os.path.join(out_dir, role)
         model.load_state_dict(state)
         model.to(dtype).save_pretrained(path, safe_serialization=True)

@@ -16,8 +16,8 @@ from typing import Any
 
 from mergekit.common import ModelReference
 from mergekit.config import ConditionalParameter, MergeConfiguration
-from mergekit.options import MergeOptions
 from mergekit.merge_methods.base import ParameterScope, ParameterSpec
+from mergekit.options import MergeOptions
 from pydantic import ValidationError
 
 from mergekit_safemerge.errors import SafeMergeError
@@ -177,7 +177,7 @@ def read_tensor_shapes(model_dir: str) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for path in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
         with safe_open(path, framework="pt") as handle:
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
                 shapes[key] = tuple(handle.get_slice(key).get_shape())
     return shapes
 
@@ -191,10 +191,14 @@ def _check_local_inputs(
                 f"model {model} ({role}) has a LoRA adapter: pass --lora-merge-cache DIR "
                 "(and --lora-merge-dtype float32 to keep the update exact)"
             )
-        if model.lora is not None and _looks_local(model.lora.path) and not os.path.isdir(
-            model.lora.path
+        if (
+            model.lora is not None
+            and _looks_local(model.lora.path)
+            and not os.path.isdir(model.lora.path)
         ):
-            raise SafeMergeError(f"model {model} ({role}): adapter folder {model.lora.path} not found")
+            raise SafeMergeError(
+                f"model {model} ({role}): adapter folder {model.lora.path} not found"
+            )
         if _looks_local(model.model.path) and not os.path.isdir(model.model.path):
             raise SafeMergeError(f"model {model} ({role}): folder {model.model.path} not found")
 

@@ -28,15 +28,27 @@ def tiny_roles(tmp_path_factory):
     return build
 
 
-def make_lora_adapter(base_dir: str, out_dir: str, *, seed: int, rank: int = 4,
-                      targets: tuple[str, ...] = ("q_proj", "v_proj"), scale: float = 0.05) -> str:
+def make_lora_adapter(
+    base_dir: str,
+    out_dir: str,
+    *,
+    seed: int,
+    rank: int = 4,
+    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    scale: float = 0.05,
+) -> str:
     """A real PEFT LoRA adapter on ``base_dir`` with non-zero random A and B factors."""
     import peft
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets),
-                             lora_dropout=0.0, init_lora_weights=False)
+    config = peft.LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=list(targets),
+        lora_dropout=0.0,
+        init_lora_weights=False,
+    )
     peft_model = peft.get_peft_model(model, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

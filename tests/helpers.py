@@ -34,8 +34,13 @@ def oracle_rho(delta: torch.Tensor, alignment: torch.Tensor) -> float:
     return float((cd * d).sum() / denominator)
 
 
-def oracle_state(states: dict[str, dict[str, torch.Tensor]], *, threshold: float,
-                 safety_weight: float, targets: tuple[str, ...]) -> tuple[dict, dict]:
+def oracle_state(
+    states: dict[str, dict[str, torch.Tensor]],
+    *,
+    threshold: float,
+    safety_weight: float,
+    targets: tuple[str, ...],
+) -> tuple[dict, dict]:
     """Expected output tensors and rho per candidate for the paper's rule (float64)."""
     expected, rhos = {}, {}
     for name, finetuned in states["finetuned"].items():
@@ -72,14 +77,17 @@ def load_state(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def write_config(path: str | os.PathLike, roles: dict[str, str], *, dtype: str = "float32",
-                 **parameters) -> str:
+def write_config(
+    path: str | os.PathLike, roles: dict[str, str], *, dtype: str = "float32", **parameters
+) -> str:
     """A safemerge YAML: ``roles`` maps aligned/unaligned/finetuned/safety to model strings."""
     config = {
         "merge_method": "safemerge",
         "base_model": roles["aligned"],
         "models": [
-            {"model": roles[role], "parameters": {"role": role}} for role in ROLE_ORDER if role in roles
+            {"model": roles[role], "parameters": {"role": role}}
+            for role in ROLE_ORDER
+            if role in roles
         ],
         "dtype": dtype,
     }
@@ -89,9 +97,13 @@ def write_config(path: str | os.PathLike, roles: dict[str, str], *, dtype: str =
     return str(path)
 
 
-def run_mergekit(config: str, out_dir: str | os.PathLike, *flags: str,
-                 command: str = "mergekit-yaml", env: dict | None = None
-                 ) -> subprocess.CompletedProcess:
+def run_mergekit(
+    config: str,
+    out_dir: str | os.PathLike,
+    *flags: str,
+    command: str = "mergekit-yaml",
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
     """The stock mergekit command in a real subprocess."""
     return subprocess.run(
         [str(BIN / command), config, str(out_dir), *flags],

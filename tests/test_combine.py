@@ -54,7 +54,9 @@ def test_dare_linear_drops_and_rescales():
 
 def test_dare_linear_at_density_one_is_linear():
     w, d, s = _inputs()
-    assert torch.allclose(dare_linear_combine(w, d, s, 0.3, 1.0, seed=3), linear_combine(w, d, s, 0.3))
+    assert torch.allclose(
+        dare_linear_combine(w, d, s, 0.3, 1.0, seed=3), linear_combine(w, d, s, 0.3)
+    )
 
 
 def _ties_oracle(w, d, s, a, density):

@@ -53,7 +53,9 @@ def test_gram_identities(shape):
     c = dense_projection(v64)
     norm_v = torch.linalg.norm(v64)
     inner = (c @ d64 * d64).sum()
-    assert float(inner) == pytest.approx(float(torch.linalg.norm(v64.T @ d64) ** 2 / norm_v), rel=1e-10)
+    assert float(inner) == pytest.approx(
+        float(torch.linalg.norm(v64.T @ d64) ** 2 / norm_v), rel=1e-10
+    )
     assert float(torch.linalg.norm(c @ d64)) == pytest.approx(
         float(torch.linalg.norm(v64 @ (v64.T @ d64)) / norm_v), rel=1e-10
     )

@@ -15,8 +15,9 @@ TARGETS = ("q_proj", "v_proj")
 
 def _check_merge(out_dir, roles_paths, *, threshold, safety_weight, targets, atol=1e-6):
     states = {role: load_state(path) for role, path in roles_paths.items()}
-    expected, rhos = oracle_state(states, threshold=threshold, safety_weight=safety_weight,
-                                  targets=targets)
+    expected, rhos = oracle_state(
+        states, threshold=threshold, safety_weight=safety_weight, targets=targets
+    )
     merged = load_state(out_dir)
     assert set(merged) == set(expected)
     for name, tensor in expected.items():
@@ -40,8 +41,9 @@ def test_stock_cli_merge_equals_oracle(arch, tiny_roles, tmp_path):
 
     tiny = tiny_roles(arch)
     # pick a threshold between two measured rhos so both decisions occur
-    config = write_config(tmp_path / "c.yml", tiny.paths, threshold=0.5, safety_weight=0.2,
-                          targets="q_proj,v_proj")
+    config = write_config(
+        tmp_path / "c.yml", tiny.paths, threshold=0.5, safety_weight=0.2, targets="q_proj,v_proj"
+    )
     out = tmp_path / "out"
     result = run_mergekit(config, out)
     assert result.returncode == 0, result.stderr
@@ -86,8 +88,9 @@ def test_lora_inputs_through_lora_merge_cache(tiny_roles, lora_adapters, tmp_pat
     }
     config = write_config(tmp_path / "c.yml", roles, threshold=0.6, targets="q_proj,v_proj")
     out = tmp_path / "out"
-    result = run_mergekit(config, out, "--lora-merge-cache", str(tmp_path / "cache"),
-                          "--lora-merge-dtype", "float32")
+    result = run_mergekit(
+        config, out, "--lora-merge-cache", str(tmp_path / "cache"), "--lora-merge-dtype", "float32"
+    )
     assert result.returncode == 0, result.stderr
 
     # the oracle merges the adapters with PEFT itself
@@ -97,8 +100,9 @@ def test_lora_inputs_through_lora_merge_cache(tiny_roles, lora_adapters, tmp_pat
         merged = peft.PeftModel.from_pretrained(base, lora_adapters[role]).merge_and_unload()
         merged.save_pretrained(tmp_path / f"peft-{role}")
         expected_paths[role] = str(tmp_path / f"peft-{role}")
-    report, rhos = _check_merge(out, expected_paths, threshold=0.6, safety_weight=0.2,
-                                targets=TARGETS, atol=1e-5)
+    report, rhos = _check_merge(
+        out, expected_paths, threshold=0.6, safety_weight=0.2, targets=TARGETS, atol=1e-5
+    )
     assert report["summary"]["changed"] == 4
     assert report["models"]["finetuned"] == roles["finetuned"]
 
@@ -106,8 +110,14 @@ def test_lora_inputs_through_lora_merge_cache(tiny_roles, lora_adapters, tmp_pat
 @pytest.mark.slow
 def test_dare_linear_reproducible_under_random_seed(tiny_roles, tmp_path):
     tiny = tiny_roles("llama")
-    config = write_config(tmp_path / "c.yml", tiny.paths, threshold=1.0, combine="dare_linear",
-                          density=0.5, targets="q_proj,v_proj")
+    config = write_config(
+        tmp_path / "c.yml",
+        tiny.paths,
+        threshold=1.0,
+        combine="dare_linear",
+        density=0.5,
+        targets="q_proj,v_proj",
+    )
     outs = []
     for i, seed in enumerate(("7", "7", "8")):
         out = tmp_path / f"out{i}"

@@ -44,37 +44,73 @@ def _run(group, **parameters):
 
 
 def _rho(m):
-    return oracle_rho(m["finetuned"].double() - m["aligned"].double(),
-                      m["aligned"].double() - m["unaligned"].double())
+    return oracle_rho(
+        m["finetuned"].double() - m["aligned"].double(),
+        m["aligned"].double() - m["unaligned"].double(),
+    )
 
 
 def test_threshold_just_above_and_below_rho():
     m = _matrices()
     rho = _rho(m)
-    merged, rec = merge_matrix("w", m["aligned"], m["unaligned"], m["finetuned"], m["safety"],
-                               threshold=rho + 1e-4, safety_weight=0.2)
+    merged, rec = merge_matrix(
+        "w",
+        m["aligned"],
+        m["unaligned"],
+        m["finetuned"],
+        m["safety"],
+        threshold=rho + 1e-4,
+        safety_weight=0.2,
+    )
     assert rec.decision == MERGED and rec.rho == pytest.approx(rho, rel=1e-5)
-    expected = m["aligned"] + 0.8 * (m["finetuned"] - m["aligned"]) + 0.2 * (m["safety"] - m["aligned"])
+    expected = (
+        m["aligned"] + 0.8 * (m["finetuned"] - m["aligned"]) + 0.2 * (m["safety"] - m["aligned"])
+    )
     assert torch.allclose(merged, expected, atol=1e-6)
-    kept, rec = merge_matrix("w", m["aligned"], m["unaligned"], m["finetuned"], m["safety"],
-                             threshold=rho - 1e-4, safety_weight=0.2)
+    kept, rec = merge_matrix(
+        "w",
+        m["aligned"],
+        m["unaligned"],
+        m["finetuned"],
+        m["safety"],
+        threshold=rho - 1e-4,
+        safety_weight=0.2,
+    )
     assert rec.decision == KEPT and kept is m["finetuned"]
 
 
 def test_strict_inequality_at_rho_equal_threshold():
     m = _matrices()
-    rho = merge_matrix("w", *(m[k] for k in ("aligned", "unaligned", "finetuned", "safety")),
-                       threshold=0.0, safety_weight=0.2)[1].rho
-    _, rec = merge_matrix("w", m["aligned"], m["unaligned"], m["finetuned"], m["safety"],
-                          threshold=rho, safety_weight=0.2)
+    rho = merge_matrix(
+        "w",
+        *(m[k] for k in ("aligned", "unaligned", "finetuned", "safety")),
+        threshold=0.0,
+        safety_weight=0.2,
+    )[1].rho
+    _, rec = merge_matrix(
+        "w",
+        m["aligned"],
+        m["unaligned"],
+        m["finetuned"],
+        m["safety"],
+        threshold=rho,
+        safety_weight=0.2,
+    )
     assert rec.decision == KEPT
 
 
 def test_zero_update_keeps_the_matrix():
     m = _matrices()
     m["finetuned"] = m["aligned"].clone()
-    out, rec = merge_matrix("w", m["aligned"], m["unaligned"], m["finetuned"], m["safety"],
-                            threshold=1.0, safety_weight=0.2)
+    out, rec = merge_matrix(
+        "w",
+        m["aligned"],
+        m["unaligned"],
+        m["finetuned"],
+        m["safety"],
+        threshold=1.0,
+        safety_weight=0.2,
+    )
     assert out is m["finetuned"] and rec.decision == KEPT and rec.rho is None
     assert rec.reason.startswith("D = 0")
 
@@ -82,12 +118,26 @@ def test_zero_update_keeps_the_matrix():
 def test_zero_alignment_gives_rho_zero_and_is_recorded():
     m = _matrices()
     m["unaligned"] = m["aligned"].clone()
-    _, rec = merge_matrix("w", m["aligned"], m["unaligned"], m["finetuned"], m["safety"],
-                          threshold=0.35, safety_weight=0.2)
+    _, rec = merge_matrix(
+        "w",
+        m["aligned"],
+        m["unaligned"],
+        m["finetuned"],
+        m["safety"],
+        threshold=0.35,
+        safety_weight=0.2,
+    )
     assert rec.rho == 0.0 and rec.alignment_norm == 0.0 and rec.decision == MERGED
     assert rec.reason.startswith("V = 0")
-    _, rec = merge_matrix("w", m["aligned"], m["unaligned"], m["finetuned"], m["safety"],
-                          threshold=0.0, safety_weight=0.2)
+    _, rec = merge_matrix(
+        "w",
+        m["aligned"],
+        m["unaligned"],
+        m["finetuned"],
+        m["safety"],
+        threshold=0.0,
+        safety_weight=0.2,
+    )
     assert rec.decision == KEPT
 
 
@@ -96,8 +146,15 @@ def test_record_fields_match_oracle():
     d = m["finetuned"] - m["aligned"]
     s = m["safety"] - m["aligned"]
     v = m["aligned"] - m["unaligned"]
-    _, rec = merge_matrix("x.weight", m["aligned"], m["unaligned"], m["finetuned"], m["safety"],
-                          threshold=0.5, safety_weight=0.2)
+    _, rec = merge_matrix(
+        "x.weight",
+        m["aligned"],
+        m["unaligned"],
+        m["finetuned"],
+        m["safety"],
+        threshold=0.5,
+        safety_weight=0.2,
+    )
     assert rec.shape == (12, 20)
     assert rec.delta_norm == pytest.approx(float(d.norm()), rel=1e-5)
     assert rec.safety_norm == pytest.approx(float(s.norm()), rel=1e-5)
@@ -126,23 +183,35 @@ def test_group_flow_merges_only_candidates():
     collector = start_collecting()
     try:
         merged = _run(_group(m), threshold=1.0)
-        outside = _run(_group(m, name="model.layers.0.self_attn.k_proj.weight"), threshold=1.0,
-                       targets="q_proj")
+        outside = _run(
+            _group(m, name="model.layers.0.self_attn.k_proj.weight"),
+            threshold=1.0,
+            targets="q_proj",
+        )
         vocab = _run(_group(m, name="model.embed_tokens.weight", vocabulary_axis=0), threshold=1.0)
-        bias = _run(_group({k: t[0] for k, t in m.items()}, name="model.layers.0.q_proj.bias"),
-                    threshold=1.0)
+        bias = _run(
+            _group({k: t[0] for k, t in m.items()}, name="model.layers.0.q_proj.bias"),
+            threshold=1.0,
+        )
     finally:
         stop_collecting()
     assert not torch.equal(merged, m["finetuned"])
-    for result, source in ((outside, m["finetuned"]), (vocab, m["finetuned"]), (bias, m["finetuned"][0])):
+    for result, source in (
+        (outside, m["finetuned"]),
+        (vocab, m["finetuned"]),
+        (bias, m["finetuned"][0]),
+    ):
         assert torch.equal(result, source)
     assert [r.name for r in collector.records] == ["model.layers.0.self_attn.q_proj.weight"]
 
 
 def test_output_keeps_input_dtype():
     m = {k: t.to(torch.bfloat16) for k, t in _matrices().items()}
-    (result,) = SAFEMERGE([_group(m)], parameters={"role": ROLE, "threshold": 1.0,
-                                                   "safety_weight": 0.2}, dtype=torch.bfloat16)
+    (result,) = SAFEMERGE(
+        [_group(m)],
+        parameters={"role": ROLE, "threshold": 1.0, "safety_weight": 0.2},
+        dtype=torch.bfloat16,
+    )
     assert result.dtype == torch.bfloat16
 
 
@@ -168,15 +237,18 @@ def test_dare_linear_is_per_tensor_deterministic_whatever_the_order():
 
     def run(order):
         torch.manual_seed(1234)  # what mergekit's --random-seed does
-        return {n: _run(_group(inputs[n], name=n), threshold=1.0, combine="dare_linear",
-                        density=0.5) for n in order}
+        return {
+            n: _run(_group(inputs[n], name=n), threshold=1.0, combine="dare_linear", density=0.5)
+            for n in order
+        }
 
     forward, backward = run(names), run(names[::-1])
     for name in names:
         assert torch.equal(forward[name], backward[name])
     torch.manual_seed(99)
-    other = _run(_group(inputs[names[0]], name=names[0]), threshold=1.0, combine="dare_linear",
-                 density=0.5)
+    other = _run(
+        _group(inputs[names[0]], name=names[0]), threshold=1.0, combine="dare_linear", density=0.5
+    )
     assert not torch.equal(other, forward[names[0]])
 
 

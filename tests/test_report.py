@@ -1,0 +1,116 @@
+"""The report document, the model-card section, the terminal summary and ``safemerge report``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mergekit_safemerge.cli import main as safemerge_main
+from mergekit_safemerge.report import (
+    KEPT,
+    MERGED,
+    MatrixRecord,
+    build_report,
+    model_card_section,
+    read_report,
+    summarize,
+    terminal_summary,
+    write_report,
+)
+
+
+def _record(block, module, rho, decision, v_norm=1.0):
+    return MatrixRecord(
+        name=f"model.layers.{block}.self_attn.{module}.weight",
+        shape=(8, 8),
+        rho=rho,
+        threshold=0.35,
+        decision=decision,
+        reason="r",
+        delta_norm=0.0 if rho is None else 1.0,
+        safety_norm=1.0,
+        alignment_norm=v_norm,
+        delta_safety_cosine=0.1,
+    )
+
+
+RECORDS = [
+    _record(0, "q_proj", 0.1, MERGED),
+    _record(0, "v_proj", 0.9, KEPT),
+    _record(1, "q_proj", 0.5, KEPT),
+    _record(1, "v_proj", None, KEPT),
+    _record(10, "v_proj", 0.0, MERGED, v_norm=0.0),
+]
+SETTINGS = {"threshold": 0.35, "safety_weight": 0.2, "targets": "q_proj,v_proj"}
+MODELS = {"aligned": "a", "unaligned": "u", "finetuned": "f", "safety": "s"}
+
+
+def test_summary_counts():
+    summary = summarize(RECORDS)
+    assert (summary["candidates"], summary["changed"], summary["merged"]) == (5, 4, 2)
+    assert summary["alignment_zero"] == 1
+    assert summary["by_module"]["q_proj"] == {
+        "candidates": 2,
+        "changed": 2,
+        "merged": 1,
+        "rho_min": 0.1,
+        "rho_median": 0.3,
+        "rho_max": 0.5,
+    }
+    assert summary["by_module"]["v_proj"]["changed"] == 2
+
+
+def test_report_document_and_files(tmp_path):
+    report = build_report(RECORDS[::-1], SETTINGS, MODELS)
+    assert [m["block"] for m in report["matrices"]] == [0, 0, 1, 1, 10]  # model order
+    first = report["matrices"][0]
+    for key in (
+        "name",
+        "shape",
+        "rho",
+        "threshold",
+        "decision",
+        "reason",
+        "delta_norm",
+        "safety_norm",
+        "alignment_norm",
+        "delta_safety_cosine",
+        "module",
+        "block",
+    ):
+        assert key in first
+    write_report(report, str(tmp_path))
+    assert read_report(str(tmp_path)) == json.loads(json.dumps(report))
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a SafeMERGE report"):
+        read_report(str(tmp_path / "other.json"))
+
+
+def test_card_and_terminal_summary():
+    report = build_report(RECORDS, SETTINGS, MODELS)
+    card = model_card_section(report)
+    assert "## SafeMERGE" in card and "| q_proj | 2 | 2 | 1 | 0.100 | 0.300 | 0.500 |" in card
+    text = terminal_summary(json.loads(json.dumps(report)))
+    lines = text.splitlines()
+    assert lines[0] == "SafeMERGE: merged 2 of 4 changed matrices (5 candidates)"
+    assert any(line.split()[0] == "q_proj" and line.endswith("0") for line in lines)
+    assert any(line.split()[0] == "v_proj" and line.endswith("10") for line in lines)
+    assert "V = 0" in lines[-1]
+    assert len(lines) < 25 and max(map(len, lines)) < 120
+
+
+def test_safemerge_report_command(tmp_path, capsys):
+    write_report(build_report(RECORDS, SETTINGS, MODELS), str(tmp_path))
+    assert safemerge_main(["report", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith("SafeMERGE: merged 2 of 4")
+    with pytest.raises(SystemExit, match="cannot read a report"):
+        safemerge_main(["report", str(tmp_path / "missing")])
+
+
+def test_demo_models_command(tmp_path, capsys):
+    assert safemerge_main(["demo-models", str(tmp_path), "--layers", "1"]) == 0
+    out = capsys.readouterr().out
+    for role in ("unaligned", "aligned", "finetuned", "safety"):
+        assert (tmp_path / role / "model.safetensors").exists()
+        assert role in out
