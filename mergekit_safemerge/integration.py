@@ -62,27 +62,39 @@ def remove_partial_output(out_path: str, before: dict[str, float] | None) -> Non
 
 
 def run_safemerge(run_merge: Callable, merge_config, out_path: str, options, *args, **kwargs):
-    """Validate, run mergekit's merge while collecting records, then write the report."""
+    """Validate, run mergekit's merge while collecting records, then write the report.
+
+    A ranking selection mode (``lowest_k``, ``random_k``, ``highest_k``, ``all``, ``none``) needs
+    every ``rho`` before the first matrix is merged: a measure-only first pass over the candidates
+    (:func:`.scan.measure_candidates`) ranks them, and the merge applies that selection.
+    """
     from mergekit_safemerge import report
     from mergekit_safemerge.method import register_method
+    from mergekit_safemerge.scan import changed_rhos, measure_candidates
+    from mergekit_safemerge.selection import select_matrices
+    from mergekit_safemerge.session import MergeSession, active_session
     from mergekit_safemerge.validation import validate_config
 
     register_method()
     checked = validate_config(merge_config, options)
-    before = _files_under(out_path) if os.path.isdir(out_path) else None
+    settings = checked.report_settings(options, merge_config.dtype)
     started = time.monotonic()
-    collector = report.start_collecting()
+    session = MergeSession()
+    if settings["select"] != "threshold":
+        rhos = changed_rhos(measure_candidates(merge_config, options, desc="SafeMERGE ranking"))
+        session.selected = select_matrices(
+            rhos, settings["select"], k=settings["k"], seed=settings["seed"]
+        )
+    before = _files_under(out_path) if os.path.isdir(out_path) else None
     try:
-        result = run_merge(merge_config, out_path, options, *args, **kwargs)
+        with active_session(session):
+            result = run_merge(merge_config, out_path, options, *args, **kwargs)
     except BaseException:
         remove_partial_output(out_path, before)
         raise
-    finally:
-        report.stop_collecting()
 
-    settings = checked.report_settings(options, merge_config.dtype)
     models = {role: str(model) for role, model in checked.models.items()}
-    document = report.build_report(collector.records, settings, models)
+    document = report.build_report(session.records, settings, models)
     document["wall_time_s"] = round(time.monotonic() - started, 3)
     report.write_report(document, out_path)
     card = os.path.join(out_path, "README.md")

@@ -43,8 +43,9 @@ from mergekit_safemerge.criterion import (
     update_cosine,
 )
 from mergekit_safemerge.errors import SafeMergeError
-from mergekit_safemerge.report import KEPT, MERGED, MatrixRecord, collect
-from mergekit_safemerge.selection import threshold_selects
+from mergekit_safemerge.report import KEPT, MERGED, MatrixRecord
+from mergekit_safemerge.selection import SelectMode, threshold_selects
+from mergekit_safemerge.session import current_session
 
 ROLES = ("unaligned", "finetuned", "safety")
 Role = Literal["unaligned", "finetuned", "safety"]
@@ -94,6 +95,21 @@ PARAMETERS = (
         default=1.0,
         description="fraction of D and S kept by dare_linear and ties",
     ),
+    ParameterSpec(
+        "select",
+        SelectMode,
+        ParameterScope.SHARED,
+        default="threshold",
+        description="threshold, lowest_k, random_k, highest_k, all or none",
+    ),
+    ParameterSpec(
+        "k",
+        Annotated[int, Field(ge=0)],
+        ParameterScope.SHARED,
+        default=0,
+        description="how many matrices lowest_k, random_k and highest_k merge",
+    ),
+    ParameterSpec("seed", int, ParameterScope.SHARED, default=0, description="seed of random_k"),
 )
 
 _TARGET_PATTERN = re.compile(r"^[A-Za-z0-9_.]+$")
@@ -181,12 +197,16 @@ def merge_matrix(
     combine: str = CombineRule.linear.value,
     density: float = 1.0,
     seed: int = 0,
+    selection: tuple[bool, str] | None = None,
+    measure_only: bool = False,
 ) -> tuple[torch.Tensor, MatrixRecord]:
     """SafeMERGE for one candidate matrix: the output matrix and the record of the decision.
 
     ``D = W_ft - W_al``, ``S = W_safety - W_al``, ``V = W_al - W_unal`` (float32). ``D = 0``
-    keeps the matrix; otherwise ``rho = cos(C D, D)`` and, when ``rho < threshold``, the
-    ``combine`` rule mixes ``D`` and ``S``. A kept matrix is the fine-tuned tensor itself.
+    keeps the matrix; otherwise ``rho = cos(C D, D)`` and the matrix is merged when
+    ``rho < threshold``, or when ``selection = (True, reason)`` (a ranking mode decided over all
+    matrices). A merged matrix mixes ``D`` and ``S`` with the ``combine`` rule; a kept one is the
+    fine-tuned tensor itself. With ``measure_only`` nothing is merged, only recorded.
     """
     base = aligned.to(WORK_DTYPE)
     delta = finetuned.to(WORK_DTYPE) - base
@@ -216,11 +236,17 @@ def merge_matrix(
     rho = alignment_cosine(delta, alignment)
     prefix = (
         "V = 0 (alignment left this matrix unchanged), rho = 0 by definition; "
-        if (alignment_norm == 0.0)
+        if alignment_norm == 0.0
         else ""
     )
-    if not threshold_selects(rho, threshold):
-        return finetuned, record(rho, KEPT, f"{prefix}rho {rho:.4f} >= threshold {threshold:g}")
+    if selection is None:
+        selected = threshold_selects(rho, threshold)
+        reason = f"{prefix}rho {rho:.4f} {'<' if selected else '>='} threshold {threshold:g}"
+    else:
+        selected, why = selection
+        reason = f"{prefix}rho {rho:.4f}; {why}"
+    if measure_only or not selected:
+        return finetuned, record(rho, MERGED if selected else KEPT, reason)
 
     if combine == CombineRule.linear:
         merged = linear_combine(base, delta, safety_delta, safety_weight)
@@ -232,7 +258,6 @@ def merge_matrix(
         raise SafeMergeError(
             f"parameters.combine {combine!r} is not one of linear, dare_linear, ties"
         )
-    reason = f"{prefix}rho {rho:.4f} < threshold {threshold:g}"
     return merged.to(finetuned.dtype), record(rho, MERGED, reason)
 
 
@@ -258,6 +283,9 @@ class SafeMergeMethod(GroupMergeMethod):
         targets: str,
         combine: str,
         density: float,
+        select: str,
+        k: int,
+        seed: int,
     ) -> torch.Tensor:
         inputs = entries_by_role(group, role)
         finetuned = inputs["finetuned"].tensor
@@ -266,6 +294,8 @@ class SafeMergeMethod(GroupMergeMethod):
         if not is_candidate(name, finetuned.ndim, metadata.vocabulary_axis, parse_targets(targets)):
             return finetuned
         _check_inputs(name, inputs)
+        session = current_session()
+        measure_only = session is not None and session.measure_only
         merged, record = merge_matrix(
             name,
             inputs["aligned"].tensor,
@@ -279,9 +309,27 @@ class SafeMergeMethod(GroupMergeMethod):
             # mergekit's --random-seed seeds torch; a per-tensor seed derived from it keeps
             # dare_linear reproducible whatever order the tensors are executed in.
             seed=tensor_seed(torch.initial_seed(), name),
+            selection=None if measure_only else _ranked_selection(name, select),
+            measure_only=measure_only,
         )
-        collect(record)
+        if session is not None:
+            session.add(record)
         return merged
+
+
+def _ranked_selection(name: str, select: str) -> tuple[bool, str] | None:
+    """The decision a ranking mode made for ``name`` in the first pass (None for threshold)."""
+    if select == "threshold":
+        return None
+    session = current_session()
+    if session is None or session.selected is None:
+        raise SafeMergeError(
+            f"parameters.select {select!r} ranks all matrices before merging and needs "
+            "SafeMERGE's run_merge integration (stock mergekit-yaml with the package installed, "
+            "or mergekit_safemerge.register() before calling run_merge)"
+        )
+    reason = session.selected.get(name)
+    return (True, reason) if reason else (False, f"{select}: not selected")
 
 
 SAFEMERGE = SafeMergeMethod()

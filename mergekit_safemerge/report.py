@@ -1,8 +1,8 @@
 """Per-matrix records, the ``safemerge_report.json`` file, the model-card section and the summary.
 
-A merge collects one :class:`MatrixRecord` per candidate matrix while mergekit executes it; the
-``run_merge`` integration (:mod:`mergekit_safemerge.integration`) opens the collection before
-the merge and writes the report after it.
+A merge collects one :class:`MatrixRecord` per candidate matrix while mergekit executes it (in
+:class:`mergekit_safemerge.session.MergeSession`); the ``run_merge`` integration writes the
+report from them after the merge.
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ import math
 import os
 import re
 import statistics
-import threading
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 REPORT_FILENAME = "safemerge_report.json"
@@ -62,39 +61,6 @@ class MatrixRecord:
         data["module"] = self.module
         data["block"] = self.block
         return data
-
-
-@dataclass
-class RecordCollector:
-    """Thread-safe sink for the records of one merge (mergekit may run tasks in threads)."""
-
-    records: list[MatrixRecord] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, record: MatrixRecord) -> None:
-        with self._lock:
-            self.records.append(record)
-
-
-_active: RecordCollector | None = None
-
-
-def start_collecting() -> RecordCollector:
-    global _active
-    _active = RecordCollector()
-    return _active
-
-
-def stop_collecting() -> None:
-    global _active
-    _active = None
-
-
-def collect(record: MatrixRecord) -> None:
-    """Hand a record to the running merge's collector; a no-op outside a merge."""
-    collector = _active
-    if collector is not None:
-        collector.add(record)
 
 
 def sort_records(records: Iterable[MatrixRecord]) -> list[MatrixRecord]:
@@ -156,7 +122,14 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def _settings_line(settings: dict[str, Any]) -> str:
-    return ", ".join(f"{key} {value}" for key, value in settings.items() if value not in (None, ""))
+    hidden = {"k", "seed"} if settings.get("select", "threshold") == "threshold" else set()
+    if settings.get("combine", "linear") == "linear":
+        hidden.add("density")
+    return ", ".join(
+        f"{key} {value}"
+        for key, value in settings.items()
+        if value not in (None, "") and key not in hidden
+    )
 
 
 def read_report(path: str) -> dict[str, Any]:

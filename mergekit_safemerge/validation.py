@@ -22,8 +22,11 @@ from pydantic import ValidationError
 
 from mergekit_safemerge.errors import SafeMergeError
 from mergekit_safemerge.method import PARAMETERS, ROLES, parse_targets
+from mergekit_safemerge.selection import COUNT_MODES
 
 SHARED = {p.name: p for p in PARAMETERS if p.scope == ParameterScope.SHARED}
+# Decided once for the whole merge: a per-tensor filter or a layer gradient makes no sense here.
+WHOLE_MERGE = ("select", "k", "seed")
 PER_MODEL = {p.name: p for p in PARAMETERS if p.scope != ParameterScope.SHARED}
 
 
@@ -73,6 +76,13 @@ def _plain(setting: Any) -> Any:
 
 def _check_shared(parameters: dict[str, Any] | None, where: str) -> None:
     for key, setting in (parameters or {}).items():
+        if key in WHOLE_MERGE and (
+            where != "parameters" or not isinstance(setting, (bool, int, float, str))
+        ):
+            raise SafeMergeError(
+                f"{where}.{key}: {key} applies to the whole merge; give one plain value under "
+                "the top-level parameters"
+            )
         if key in PER_MODEL:
             raise SafeMergeError(
                 f"{where}.{key}: {key!r} is a per-model parameter; set it under each model"
@@ -244,7 +254,16 @@ def validate_config(config: MergeConfiguration, options: MergeOptions) -> Valida
     settings: dict[str, Any] = {}
     for name, spec in SHARED.items():
         setting = (config.parameters or {}).get(name)
-        settings[name] = spec.default if setting is None else _plain(setting)
+        if setting is None:
+            settings[name] = spec.default
+        elif isinstance(setting, (bool, int, float, str)):
+            settings[name] = spec.validate(setting)
+        else:  # filters and gradients, recorded as written
+            settings[name] = _plain(setting)
+    if settings["select"] in COUNT_MODES and settings["k"] < 1:
+        raise SafeMergeError(
+            f"parameters.k: select {settings['select']} needs k >= 1 (how many matrices to merge)"
+        )
     targets = [
         value
         for _, parameters in _shared_scopes(config)

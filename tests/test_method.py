@@ -15,7 +15,8 @@ from mergekit_safemerge.method import (
     merge_matrix,
     parse_targets,
 )
-from mergekit_safemerge.report import KEPT, MERGED, start_collecting, stop_collecting
+from mergekit_safemerge.report import KEPT, MERGED
+from mergekit_safemerge.session import MergeSession, active_session
 
 IDS = ("aligned", "unaligned", "finetuned", "safety")
 ROLE = {"unaligned": "unaligned", "finetuned": "finetuned", "safety": "safety"}
@@ -180,8 +181,7 @@ def test_targets_and_candidates():
 
 def test_group_flow_merges_only_candidates():
     m = _matrices()
-    collector = start_collecting()
-    try:
+    with active_session(MergeSession()) as session:
         merged = _run(_group(m), threshold=1.0)
         outside = _run(
             _group(m, name="model.layers.0.self_attn.k_proj.weight"),
@@ -193,8 +193,6 @@ def test_group_flow_merges_only_candidates():
             _group({k: t[0] for k, t in m.items()}, name="model.layers.0.q_proj.bias"),
             threshold=1.0,
         )
-    finally:
-        stop_collecting()
     assert not torch.equal(merged, m["finetuned"])
     for result, source in (
         (outside, m["finetuned"]),
@@ -202,7 +200,7 @@ def test_group_flow_merges_only_candidates():
         (bias, m["finetuned"][0]),
     ):
         assert torch.equal(result, source)
-    assert [r.name for r in collector.records] == ["model.layers.0.self_attn.q_proj.weight"]
+    assert [r.name for r in session.records] == ["model.layers.0.self_attn.q_proj.weight"]
 
 
 def test_output_keeps_input_dtype():

@@ -1,0 +1,49 @@
+"""State of the SafeMERGE run in progress, shared by the ``run_merge`` integration, the scan and
+the merge method.
+
+mergekit calls the method once per tensor with no notion of a "run", so what a run needs across
+tensors lives here: the records collected for the report, whether this pass only measures (the
+scan, and the first pass of a ranking selection mode), and the matrices a ranking mode selected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from mergekit_safemerge.report import MatrixRecord
+
+
+@dataclass
+class MergeSession:
+    """One pass of mergekit over the tensors."""
+
+    measure_only: bool = False  # record rho and the threshold decision; write nothing merged
+    selected: dict[str, str] | None = None  # tensor name -> reason, from a ranking mode
+    records: list[MatrixRecord] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, record: MatrixRecord) -> None:
+        """Thread-safe: mergekit may execute tensors in several threads."""
+        with self._lock:
+            self.records.append(record)
+
+
+_active: MergeSession | None = None
+
+
+@contextlib.contextmanager
+def active_session(session: MergeSession) -> Iterator[MergeSession]:
+    global _active
+    previous, _active = _active, session
+    try:
+        yield session
+    finally:
+        _active = previous
+
+
+def current_session() -> MergeSession | None:
+    """The pass in progress, or None when the method is called outside a SafeMERGE run."""
+    return _active
