@@ -27,7 +27,6 @@ def _config_with(tmp_path, roles, mutate=None, **parameters):
     return path
 
 
-
 CASES = {
     "missing role": (
         lambda c: c["models"][0].pop("parameters"),
