@@ -45,6 +45,7 @@ def _scan(args: argparse.Namespace) -> int:
     from mergekit_safemerge.scan import (
         build_scan,
         measure_candidates,
+        plain_targets,
         terminal_sweep,
         terminal_table,
         write_scan,
@@ -69,7 +70,7 @@ def _scan(args: argparse.Namespace) -> int:
         )
         checked = validate_config(config, options)
         settings = checked.report_settings(options, config.dtype)
-        records = measure_candidates(config, options)
+        records = measure_candidates(config, options, targets=plain_targets(settings))
         models = {role: str(model) for role, model in checked.models.items()}
         document = build_scan(records, settings, models)
     except SafeMergeError as error:

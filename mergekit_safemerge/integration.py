@@ -70,7 +70,7 @@ def run_safemerge(run_merge: Callable, merge_config, out_path: str, options, *ar
     """
     from mergekit_safemerge import report
     from mergekit_safemerge.method import register_method
-    from mergekit_safemerge.scan import changed_rhos, measure_candidates
+    from mergekit_safemerge.scan import changed_rhos, measure_candidates, plain_targets
     from mergekit_safemerge.selection import select_matrices
     from mergekit_safemerge.session import MergeSession, active_session
     from mergekit_safemerge.validation import validate_config
@@ -81,7 +81,10 @@ def run_safemerge(run_merge: Callable, merge_config, out_path: str, options, *ar
     started = time.monotonic()
     session = MergeSession()
     if settings["select"] != "threshold":
-        rhos = changed_rhos(measure_candidates(merge_config, options, desc="SafeMERGE ranking"))
+        records = measure_candidates(
+            merge_config, options, targets=plain_targets(settings), desc="SafeMERGE ranking"
+        )
+        rhos = changed_rhos(records)
         session.selected = select_matrices(
             rhos, settings["select"], k=settings["k"], seed=settings["seed"]
         )

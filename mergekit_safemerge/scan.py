@@ -27,9 +27,13 @@ PNG_SIZE = (1400, 560)  # pixels: 14 x 5.6 inches at 100 dpi
 
 
 def measure_candidates(
-    merge_config, options, *, desc: str = "SafeMERGE scan"
+    merge_config, options, *, targets: str | None = None, desc: str = "SafeMERGE scan"
 ) -> list[MatrixRecord]:
-    """Run mergekit's in-memory plan with the method measuring only; one record per candidate."""
+    """Run mergekit's in-memory plan with the method measuring only; one record per candidate.
+
+    ``targets`` (the plain top-level ``targets`` setting, if any) lets the pass skip reading
+    tensors that cannot be candidates; with filters the method decides per tensor.
+    """
     from mergekit.architecture import get_architecture_info
     from mergekit.graph import Executor
     from mergekit.io.tasks import LoaderCache
@@ -48,9 +52,16 @@ def measure_candidates(
     # task field), so run the per-tensor tasks of the plan directly: the executor streams them
     # and drops each result after use.
     planner._plan()
-    targets = [task for weight, task in planner._tensors if weight.vocabulary_axis is None]
+    from mergekit_safemerge.method import matches_targets, parse_targets
+
+    modules = parse_targets(targets) if targets else ()
+    tasks = [
+        task
+        for weight, task in planner._tensors
+        if weight.vocabulary_axis is None and matches_targets(weight.name, modules)
+    ]
     executor = Executor(
-        targets=targets,
+        targets=tasks,
         math_device=options.device,
         storage_device=options.device if options.low_cpu_memory else "cpu",
     )
@@ -58,6 +69,12 @@ def measure_candidates(
         for _task, _tensor in executor.run(quiet=options.quiet, desc=desc):
             pass
     return sort_records(session.records)
+
+
+def plain_targets(settings: dict[str, Any]) -> str | None:
+    """The top-level ``targets`` when it is one plain string (not filters or a gradient)."""
+    targets = settings.get("targets")
+    return targets if isinstance(targets, str) else None
 
 
 def changed_rhos(records: Sequence[MatrixRecord]) -> dict[str, float]:

@@ -1,0 +1,29 @@
+"""Figures shown in docs/ come from commands: rerun them and compare."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from mergekit_safemerge.cli import main as safemerge_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _code_block_after(text: str, marker: str) -> str:
+    start = text.index(marker)
+    match = re.compile(r"```text\n(.*?)\n```", re.S).search(text, start)
+    assert match, f"no text block after {marker!r}"
+    return match.group(1)
+
+
+def test_scan_example_in_docs_is_the_demo_output(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert safemerge_main(["demo-models", ".demo/models"]) == 0  # the defaults `make demo` uses
+    capsys.readouterr()
+    recipe = str(ROOT / "recipes" / "demo-safemerge.yml")
+    assert safemerge_main(["scan", recipe, "--out", "out/scan", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    got = "\n".join(line.rstrip() for line in printed.splitlines() if not line.startswith("wrote "))
+    documented = _code_block_after((ROOT / "docs" / "scan.md").read_text(), "### Example")
+    assert got.strip() == documented.strip()
