@@ -16,9 +16,21 @@ so ``rho = <P, D>_F / (||P||_F ||D||_F)``: the ``1/||V||_F`` cancels and ``rho``
 the scale of ``D`` and to its sign. ``P`` is formed in the cheaper order,
 ``(V V^T) D`` when ``out < in`` and ``V (V^T D)`` otherwise, so the only intermediate is
 ``min(out, in)`` squared and the cost is ``2 * out * in * min(out, in)`` multiply-adds.
+
+Low-rank path. When ``D = L R`` with ``L`` (``out x r``) and ``R`` (``r x in``), every term
+reduces to ``r x r`` Gram matrices (``M = V^T L``, ``G = R R^T``):
+
+* ``||V^T D||_F^2 = <M^T M, G>``, ``||V V^T D||_F^2 = <(V M)^T (V M), G>``,
+  ``||D||_F^2 = <L^T L, G>``
+
+for ``O(out * in * r)``. A dense ``D`` that is low rank (a merged LoRA) is detected with a
+randomized range finder and an explicit residual check, so the result stays exact to
+floating-point tolerance; anything else takes the dense route.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -41,7 +53,28 @@ def alignment_projection(delta: torch.Tensor, alignment: torch.Tensor) -> torch.
     return v @ (v.T @ d)  # in x in, then out*in*in
 
 
-def alignment_cosine(delta: torch.Tensor, alignment: torch.Tensor) -> float:
+def _rounding(shape: torch.Size) -> float:
+    """Relative size of float32 rounding in ``V V^T D``; below it ``C D`` counts as 0."""
+    out_features, in_features = shape
+    return torch.finfo(WORK_DTYPE).eps * (out_features**0.5 + in_features**0.5)
+
+
+def _cosine_from_squares(
+    inner: torch.Tensor,
+    projected_sq: torch.Tensor,
+    delta_sq: torch.Tensor,
+    alignment_sq: torch.Tensor,
+    shape: torch.Size,
+) -> float:
+    """``rho = <P, D> / (||P|| ||D||)`` from ``<P, D>``, ``||P||^2``, ``||D||^2``, ``||V||^2``."""
+    projected_norm = projected_sq.clamp_min(0).sqrt()
+    delta_norm = delta_sq.clamp_min(0).sqrt()
+    if not projected_norm > _rounding(shape) * alignment_sq * delta_norm:
+        return 0.0
+    return float((inner / (projected_norm * delta_norm)).clamp(0.0, 1.0))
+
+
+def dense_alignment_cosine(delta: torch.Tensor, alignment: torch.Tensor) -> float:
     """``rho = cos(C D, D)`` for ``D`` = ``delta`` and ``V`` = ``alignment`` (both ``out x in``).
 
     Exact in float32 without forming ``C``. Conventions for the degenerate cases: ``V = 0``,
@@ -52,16 +85,108 @@ def alignment_cosine(delta: torch.Tensor, alignment: torch.Tensor) -> float:
     """
     d = delta.to(WORK_DTYPE)
     projected = alignment_projection(d, alignment)
-    projected_norm = torch.linalg.vector_norm(projected)
-    delta_norm = torch.linalg.vector_norm(d)
-    alignment_norm = torch.linalg.vector_norm(alignment.to(WORK_DTYPE))
+    return _cosine_from_squares(
+        torch.sum(projected * d),
+        torch.sum(projected * projected),
+        torch.sum(d * d),
+        torch.sum(alignment.to(WORK_DTYPE) ** 2),
+        d.shape,
+    )
+
+
+def factored_alignment_cosine(
+    left: torch.Tensor, right: torch.Tensor, alignment: torch.Tensor
+) -> float:
+    """``rho`` for ``D = left @ right`` (``out x r`` times ``r x in``) in ``O(out * in * r)``.
+
+    Same value and conventions as :func:`dense_alignment_cosine`, through ``r x r`` Grams:
+    ``<P, D> = <M^T M, G>``, ``||P||^2 = <(V M)^T (V M), G>``, ``||D||^2 = <L^T L, G>`` with
+    ``M = V^T L`` and ``G = R R^T``.
+    """
+    v = alignment.to(WORK_DTYPE)
+    lhs = left.to(WORK_DTYPE)
+    rhs = right.to(WORK_DTYPE)
+    if lhs.shape[0] != v.shape[0] or rhs.shape[1] != v.shape[1] or lhs.shape[1] != rhs.shape[0]:
+        raise ValueError(
+            f"factors {tuple(lhs.shape)} x {tuple(rhs.shape)} do not make a {tuple(v.shape)} matrix"
+        )
+    gram_right = rhs @ rhs.T
+    m = v.T @ lhs
+    vm = v @ m
+    return _cosine_from_squares(
+        torch.sum((m.T @ m) * gram_right),
+        torch.sum((vm.T @ vm) * gram_right),
+        torch.sum((lhs.T @ lhs) * gram_right),
+        torch.sum(v * v),
+        v.shape,
+    )
+
+
+LOW_RANK_TOLERANCE = 1e-5
+"""Accept ``D = Q (Q^T D)`` when ``||D - Q Q^T D||_F <= 1e-5 ||D||_F``."""
+
+
+def low_rank_factors(
+    delta: torch.Tensor, *, max_rank: int = 64, tolerance: float = LOW_RANK_TOLERANCE
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Factors ``(Q, Q^T D)`` of a low-rank ``D`` (``out x in``), or None when it is not.
+
+    Randomized range finder: ``Q = orth(D Omega)`` with a Gaussian ``Omega`` of 16, 32, ...
+    columns (fixed seed, the caller's RNG untouched), accepted only when the residual
+    ``||D - Q Q^T D||_F`` is within ``tolerance`` of ``||D||_F``. Sketches stop at
+    ``min(max_rank, min(out, in) / 4)`` columns, beyond which the dense route is as cheap;
+    matrices with ``min(out, in) < 64`` always take the dense route.
+    Each try costs ``3 * out * in * columns`` multiply-adds.
+    """
+    d = delta.to(WORK_DTYPE)
     out_features, in_features = d.shape
-    rounding = torch.finfo(WORK_DTYPE).eps * (out_features**0.5 + in_features**0.5)
-    if not projected_norm > rounding * alignment_norm**2 * delta_norm:
-        return 0.0
-    denominator = projected_norm * delta_norm
-    rho = torch.sum(projected * d) / denominator
-    return float(rho.clamp(0.0, 1.0))
+    limit = min(max_rank, min(out_features, in_features) // 4)
+    norm = torch.linalg.vector_norm(d)
+    if limit < 16 or not norm > 0:  # small matrices: the dense route is cheap enough
+        return None
+    generator = torch.Generator(device=d.device).manual_seed(0)
+    columns = min(16, limit)
+    while True:
+        sketch = torch.randn(in_features, columns, generator=generator, device=d.device)
+        q, _ = torch.linalg.qr(d @ sketch)
+        coefficients = q.T @ d
+        residual = torch.linalg.vector_norm(d - q @ coefficients)
+        if residual <= tolerance * norm:
+            return q, coefficients
+        if columns >= limit:
+            return None
+        columns = min(2 * columns, limit)
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """``rho`` and how it was computed: ``dense``, ``low-rank`` (detected) or ``factored``."""
+
+    rho: float
+    path: str
+    rank: int | None = None  # columns of the factors on the low-rank paths
+
+    def describe(self) -> str:
+        return self.path if self.rank is None else f"{self.path} (rank <= {self.rank})"
+
+
+def alignment_criterion(delta: torch.Tensor, alignment: torch.Tensor) -> Criterion:
+    """``rho`` through the low-rank path when ``D`` is low rank, else the dense path."""
+    if delta.ndim != 2 or delta.shape != alignment.shape:
+        raise ValueError(
+            f"the criterion needs two matrices of one shape; got {tuple(delta.shape)} "
+            f"and {tuple(alignment.shape)}"
+        )
+    factors = low_rank_factors(delta)
+    if factors is None:
+        return Criterion(dense_alignment_cosine(delta, alignment), "dense")
+    left, right = factors
+    return Criterion(factored_alignment_cosine(left, right, alignment), "low-rank", left.shape[1])
+
+
+def alignment_cosine(delta: torch.Tensor, alignment: torch.Tensor) -> float:
+    """``rho = cos(C D, D)`` by the cheapest exact route (see :func:`alignment_criterion`)."""
+    return alignment_criterion(delta, alignment).rho
 
 
 def frobenius_norm(matrix: torch.Tensor) -> float:

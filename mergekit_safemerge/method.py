@@ -38,7 +38,8 @@ from mergekit_safemerge.combine import (
 )
 from mergekit_safemerge.criterion import (
     WORK_DTYPE,
-    alignment_cosine,
+    Criterion,
+    alignment_criterion,
     frobenius_norm,
     update_cosine,
 )
@@ -216,11 +217,11 @@ def merge_matrix(
     delta_norm = frobenius_norm(delta)
     alignment_norm = frobenius_norm(alignment)
 
-    def record(rho: float | None, decision: str, reason: str) -> MatrixRecord:
+    def record(criterion: Criterion | None, decision: str, reason: str) -> MatrixRecord:
         return MatrixRecord(
             name=tensor_name,
             shape=(int(finetuned.shape[0]), int(finetuned.shape[1])),
-            rho=rho,
+            rho=None if criterion is None else criterion.rho,
             threshold=float(threshold),
             decision=decision,
             reason=reason,
@@ -228,12 +229,14 @@ def merge_matrix(
             safety_norm=frobenius_norm(safety_delta),
             alignment_norm=alignment_norm,
             delta_safety_cosine=update_cosine(delta, safety_delta),
+            criterion="none" if criterion is None else criterion.describe(),
         )
 
     if delta_norm == 0.0:
         return finetuned, record(None, KEPT, "D = 0: the fine-tune left this matrix unchanged")
 
-    rho = alignment_cosine(delta, alignment)
+    criterion = alignment_criterion(delta, alignment)
+    rho = criterion.rho
     prefix = (
         "V = 0 (alignment left this matrix unchanged), rho = 0 by definition; "
         if alignment_norm == 0.0
@@ -246,7 +249,7 @@ def merge_matrix(
         selected, why = selection
         reason = f"{prefix}rho {rho:.4f}; {why}"
     if measure_only or not selected:
-        return finetuned, record(rho, MERGED if selected else KEPT, reason)
+        return finetuned, record(criterion, MERGED if selected else KEPT, reason)
 
     if combine == CombineRule.linear:
         merged = linear_combine(base, delta, safety_delta, safety_weight)
@@ -258,7 +261,7 @@ def merge_matrix(
         raise SafeMergeError(
             f"parameters.combine {combine!r} is not one of linear, dare_linear, ties"
         )
-    return merged.to(finetuned.dtype), record(rho, MERGED, reason)
+    return merged.to(finetuned.dtype), record(criterion, MERGED, reason)
 
 
 class SafeMergeMethod(GroupMergeMethod):

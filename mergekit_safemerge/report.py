@@ -40,6 +40,7 @@ class MatrixRecord:
     safety_norm: float  # ||S||_F, S = W_safety - W_aligned
     alignment_norm: float  # ||V||_F, V = W_aligned - W_unaligned
     delta_safety_cosine: float  # cos(D, S)
+    criterion: str = "dense"  # how rho was computed: dense, low-rank (rank <= r), factored
 
     @property
     def module(self) -> str:

@@ -8,8 +8,11 @@ from helpers import dense_projection, oracle_rho
 
 from mergekit_safemerge.criterion import (
     alignment_cosine,
+    alignment_criterion,
     alignment_projection,
+    factored_alignment_cosine,
     frobenius_norm,
+    low_rank_factors,
     update_cosine,
 )
 
@@ -109,3 +112,70 @@ def test_norm_and_update_cosine():
     assert update_cosine(x, 2 * x) == pytest.approx(1.0)
     assert update_cosine(x, -x) == pytest.approx(-1.0)
     assert update_cosine(x, torch.zeros_like(x)) == 0.0
+
+
+# ------------------------------------------------------------------ the low-rank path
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_low_rank_path_matches_dense_oracle(seed):
+    g = torch.Generator().manual_seed(1000 + seed)
+    out_f = int(torch.randint(64, 200, (1,), generator=g))
+    in_f = int(torch.randint(64, 200, (1,), generator=g))
+    rank = int(torch.randint(1, 12, (1,), generator=g))
+    v = torch.randn(out_f, in_f, generator=g)
+    left = torch.randn(out_f, rank, generator=g)
+    if seed % 3 == 0:  # lean D towards V's top directions so rho spreads over [0, 1]
+        left = left + 3 * torch.linalg.svd(v, full_matrices=False).U[:, :rank]
+    d = left @ torch.randn(rank, in_f, generator=g)
+    criterion = alignment_criterion(d, v)
+    assert criterion.path == "low-rank" and criterion.rank == 16
+    assert criterion.rho == pytest.approx(oracle_rho(d, v), rel=1e-5, abs=1e-6)
+    assert factored_alignment_cosine(left, torch.linalg.lstsq(left, d).solution, v
+                                     ) == pytest.approx(oracle_rho(d, v), rel=1e-4)  # fmt: skip
+
+
+@pytest.mark.parametrize("rank", [20, 40])
+def test_larger_ranks_double_the_sketch(rank):
+    g = torch.Generator().manual_seed(rank)
+    v = torch.randn(256, 320, generator=g)
+    d = torch.randn(256, rank, generator=g) @ torch.randn(rank, 320, generator=g)
+    criterion = alignment_criterion(d, v)
+    assert criterion.path == "low-rank" and criterion.rank >= rank
+    assert criterion.rho == pytest.approx(oracle_rho(d, v), rel=1e-5)
+
+
+def test_full_rank_and_rounded_updates_take_the_dense_path():
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(128, 128, generator=g)
+    assert low_rank_factors(torch.randn(128, 128, generator=g)) is None
+    # a LoRA update recovered from bfloat16 weights is not low rank any more: rounding noise
+    w = 0.02 * torch.randn(128, 128, generator=g)
+    lora = 1e-3 * torch.randn(128, 8, generator=g) @ torch.randn(8, 128, generator=g)
+    d = (w + lora).bfloat16().float() - w.bfloat16().float()
+    criterion = alignment_criterion(d, v)
+    assert criterion.path == "dense"
+    assert criterion.rho == pytest.approx(oracle_rho(d, v), rel=1e-5)
+
+
+def test_small_matrices_stay_dense():
+    d, v = _pair((16, 64), 1, rank=2)
+    assert low_rank_factors(d) is None
+    assert alignment_criterion(d, v).path == "dense"
+
+
+def test_detection_leaves_the_global_rng_alone():
+    d, v = _pair((96, 96), 2, rank=4)
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    alignment_criterion(d, v)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_factored_degenerate_cases():
+    g = torch.Generator().manual_seed(9)
+    left, right = torch.randn(80, 3, generator=g), torch.randn(3, 90, generator=g)
+    assert factored_alignment_cosine(left, right, torch.zeros(80, 90)) == 0.0
+    assert factored_alignment_cosine(torch.zeros(80, 3), right, torch.randn(80, 90)) == 0.0
+    with pytest.raises(ValueError, match="do not make"):
+        factored_alignment_cosine(left, right, torch.zeros(90, 80))
