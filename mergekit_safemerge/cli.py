@@ -71,7 +71,7 @@ def _scan(args: argparse.Namespace) -> int:
         checked = validate_config(config, options)
         settings = checked.report_settings(options, config.dtype)
         records = measure_candidates(config, options, targets=plain_targets(settings))
-        models = {role: str(model) for role, model in checked.models.items()}
+        models = checked.role_sources()
         document = build_scan(records, settings, models)
     except SafeMergeError as error:
         raise SystemExit(f"safemerge scan: {error}") from None

@@ -96,7 +96,7 @@ def run_safemerge(run_merge: Callable, merge_config, out_path: str, options, *ar
         remove_partial_output(out_path, before)
         raise
 
-    models = {role: str(model) for role, model in checked.models.items()}
+    models = checked.role_sources()
     document = report.build_report(session.records, settings, models)
     document["wall_time_s"] = round(time.monotonic() - started, 3)
     report.write_report(document, out_path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import sys
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import torch
@@ -29,6 +30,7 @@ from mergekit.merge_methods.base import (
 from pydantic import Field
 
 from mergekit_safemerge import METHOD_NAME
+from mergekit_safemerge.adapters import LoraFactors, open_adapter
 from mergekit_safemerge.combine import (
     CombineRule,
     dare_linear_combine,
@@ -40,6 +42,7 @@ from mergekit_safemerge.criterion import (
     WORK_DTYPE,
     Criterion,
     alignment_criterion,
+    factored_alignment_cosine,
     frobenius_norm,
     update_cosine,
 )
@@ -111,7 +114,22 @@ PARAMETERS = (
         description="how many matrices lowest_k, random_k and highest_k merge",
     ),
     ParameterSpec("seed", int, ParameterScope.SHARED, default=0, description="seed of random_k"),
+    ParameterSpec(
+        "finetuned_adapter",
+        str,
+        ParameterScope.SHARED,
+        default="",
+        description="PEFT LoRA folder: finetuned role = aligned + this adapter, read as factors",
+    ),
+    ParameterSpec(
+        "safety_adapter",
+        str,
+        ParameterScope.SHARED,
+        default="",
+        description="PEFT LoRA folder: safety role = aligned + this adapter, read as factors",
+    ),
 )
+ADAPTER_PARAMETERS = {"finetuned": "finetuned_adapter", "safety": "safety_adapter"}
 
 _TARGET_PATTERN = re.compile(r"^[A-Za-z0-9_.]+$")
 
@@ -147,8 +165,13 @@ def is_candidate(
     return ndim == 2 and vocabulary_axis is None and matches_targets(tensor_name, targets)
 
 
-def entries_by_role(group: TensorGroup, role: PerInputValues) -> dict[str, TensorEntry]:
-    """Map each role to its entry; exactly one model per role, the aligned model is the base."""
+def entries_by_role(
+    group: TensorGroup, role: PerInputValues, adapter_roles: frozenset[str] = frozenset()
+) -> dict[str, TensorEntry]:
+    """Map each role to its entry; exactly one model per role, the aligned model is the base.
+
+    Roles in ``adapter_roles`` come from a LoRA adapter instead of a model.
+    """
     if group.base is None:
         raise SafeMergeError(
             f"safemerge needs base_model (the aligned model) for tensor {group.metadata.name}"
@@ -164,25 +187,69 @@ def entries_by_role(group: TensorGroup, role: PerInputValues) -> dict[str, Tenso
             raise SafeMergeError(
                 f"role {name!r} is given to two models: {found[name].id} and {entry.id}"
             )
+        if name in adapter_roles:
+            raise SafeMergeError(
+                f"role {name!r} is given to model {entry.id} and to "
+                f"parameters.{ADAPTER_PARAMETERS[name]}; use one"
+            )
         found[name] = entry
-    missing = [name for name in ROLES if name not in found]
+    missing = [name for name in ROLES if name not in found and name not in adapter_roles]
     if missing:
         raise SafeMergeError(f"no model has role {missing[0]!r} (each of {', '.join(ROLES)} once)")
     return found
 
 
-def _check_inputs(tensor_name: str, inputs: dict[str, TensorEntry]) -> None:
-    aligned = inputs["aligned"].tensor
-    for role_name, entry in inputs.items():
-        if entry.tensor.shape != aligned.shape:
+@dataclass(frozen=True)
+class RoleInput:
+    """One role's weight for the current tensor, and where it came from."""
+
+    source: str  # the model reference, or "<aligned>+<adapter folder>"
+    tensor: torch.Tensor
+    factors: LoraFactors | None = None  # the role is aligned + these LoRA factors
+
+
+def role_inputs(
+    group: TensorGroup, role: PerInputValues, adapters: dict[str, str]
+) -> dict[str, RoleInput]:
+    """The four roles' weights for this tensor; adapter roles are aligned + ``s B A``.
+
+    An adapter that does not touch the tensor leaves the role equal to the aligned weight.
+    """
+    entries = entries_by_role(group, role, frozenset(adapters))
+    inputs = {name: RoleInput(str(entry.id), entry.tensor) for name, entry in entries.items()}
+    aligned = inputs["aligned"]
+    tensor_name = group.metadata.name or ""
+    for name, path in adapters.items():
+        source = f"{aligned.source}+{path}"
+        factors = open_adapter(path).factors(tensor_name) if aligned.tensor.ndim == 2 else None
+        if factors is None:
+            inputs[name] = RoleInput(source, aligned.tensor)
+            continue
+        shape = (int(factors.left.shape[0]), int(factors.right.shape[1]))
+        if shape != tuple(aligned.tensor.shape):
             raise SafeMergeError(
-                f"tensor {tensor_name}: shape {tuple(entry.tensor.shape)} in model {entry.id} "
-                f"({role_name}) differs from {tuple(aligned.shape)} in aligned model "
-                f"{inputs['aligned'].id}"
+                f"tensor {tensor_name}: adapter {path} ({name}) makes an update of shape {shape}, "
+                f"but aligned model {aligned.source} has {tuple(aligned.tensor.shape)}"
             )
-        if not bool(torch.isfinite(entry.tensor).all()):
+        device = aligned.tensor.device
+        factors = LoraFactors(factors.left.to(device), factors.right.to(device))
+        tensor = (aligned.tensor.to(WORK_DTYPE) + factors.delta()).to(aligned.tensor.dtype)
+        inputs[name] = RoleInput(source, tensor, factors)
+    return inputs
+
+
+def _check_inputs(tensor_name: str, inputs: dict[str, RoleInput]) -> None:
+    aligned = inputs["aligned"]
+    for role_name, item in inputs.items():
+        if item.tensor.shape != aligned.tensor.shape:
             raise SafeMergeError(
-                f"tensor {tensor_name} of model {entry.id} ({role_name}) contains NaN or Inf"
+                f"tensor {tensor_name}: shape {tuple(item.tensor.shape)} in model {item.source} "
+                f"({role_name}) differs from {tuple(aligned.tensor.shape)} in aligned model "
+                f"{aligned.source}"
+            )
+        if not bool(torch.isfinite(item.tensor).all()):
+            raise SafeMergeError(
+                f"tensor {tensor_name} of model {item.source} ({role_name}) contains NaN or Inf"
             )
 
 
@@ -200,6 +267,8 @@ def merge_matrix(
     seed: int = 0,
     selection: tuple[bool, str] | None = None,
     measure_only: bool = False,
+    delta_factors: LoraFactors | None = None,
+    safety_factors: LoraFactors | None = None,
 ) -> tuple[torch.Tensor, MatrixRecord]:
     """SafeMERGE for one candidate matrix: the output matrix and the record of the decision.
 
@@ -208,10 +277,12 @@ def merge_matrix(
     ``rho < threshold``, or when ``selection = (True, reason)`` (a ranking mode decided over all
     matrices). A merged matrix mixes ``D`` and ``S`` with the ``combine`` rule; a kept one is the
     fine-tuned tensor itself. With ``measure_only`` nothing is merged, only recorded.
+    ``delta_factors`` / ``safety_factors`` give ``D`` / ``S`` exactly as LoRA factors (the role is
+    aligned + adapter); ``rho`` then takes the factored path.
     """
     base = aligned.to(WORK_DTYPE)
-    delta = finetuned.to(WORK_DTYPE) - base
-    safety_delta = safety.to(WORK_DTYPE) - base
+    delta = delta_factors.delta() if delta_factors else finetuned.to(WORK_DTYPE) - base
+    safety_delta = safety_factors.delta() if safety_factors else safety.to(WORK_DTYPE) - base
     alignment = base - unaligned.to(WORK_DTYPE)
 
     delta_norm = frobenius_norm(delta)
@@ -235,7 +306,11 @@ def merge_matrix(
     if delta_norm == 0.0:
         return finetuned, record(None, KEPT, "D = 0: the fine-tune left this matrix unchanged")
 
-    criterion = alignment_criterion(delta, alignment)
+    if delta_factors is not None:
+        rho = factored_alignment_cosine(delta_factors.left, delta_factors.right, alignment)
+        criterion = Criterion(rho, "factored", delta_factors.rank)
+    else:
+        criterion = alignment_criterion(delta, alignment)
     rho = criterion.rho
     prefix = (
         "V = 0 (alignment left this matrix unchanged), rho = 0 by definition; "
@@ -272,7 +347,8 @@ class SafeMergeMethod(GroupMergeMethod):
         pretty_name="SafeMERGE",
         reference_url="https://arxiv.org/abs/2503.17239",
         parameters=PARAMETERS,
-        contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=3, max_non_base=3),
+        # 1 to 3 models besides the aligned base: finetuned and safety may come from adapters
+        contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1, max_non_base=3),
     )
 
     def merge_group(
@@ -289,8 +365,15 @@ class SafeMergeMethod(GroupMergeMethod):
         select: str,
         k: int,
         seed: int,
+        finetuned_adapter: str,
+        safety_adapter: str,
     ) -> torch.Tensor:
-        inputs = entries_by_role(group, role)
+        adapters = {
+            name: path
+            for name, path in (("finetuned", finetuned_adapter), ("safety", safety_adapter))
+            if path
+        }
+        inputs = role_inputs(group, role, adapters)
         finetuned = inputs["finetuned"].tensor
         metadata: TensorMetadata = group.metadata
         name = metadata.name or "<unnamed tensor>"
@@ -314,6 +397,8 @@ class SafeMergeMethod(GroupMergeMethod):
             seed=tensor_seed(torch.initial_seed(), name),
             selection=None if measure_only else _ranked_selection(name, select),
             measure_only=measure_only,
+            delta_factors=inputs["finetuned"].factors,
+            safety_factors=inputs["safety"].factors,
         )
         if session is not None:
             session.add(record)

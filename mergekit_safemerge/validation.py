@@ -11,7 +11,7 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mergekit.common import ModelReference
@@ -26,7 +26,7 @@ from mergekit_safemerge.selection import COUNT_MODES
 
 SHARED = {p.name: p for p in PARAMETERS if p.scope == ParameterScope.SHARED}
 # Decided once for the whole merge: a per-tensor filter or a layer gradient makes no sense here.
-WHOLE_MERGE = ("select", "k", "seed")
+WHOLE_MERGE = ("select", "k", "seed", "finetuned_adapter", "safety_adapter")
 PER_MODEL = {p.name: p for p in PARAMETERS if p.scope != ParameterScope.SHARED}
 
 
@@ -34,8 +34,16 @@ PER_MODEL = {p.name: p for p in PARAMETERS if p.scope != ParameterScope.SHARED}
 class ValidatedConfig:
     """What the checks established: the model of each role and the merge settings."""
 
-    models: dict[str, ModelReference]  # aligned, unaligned, finetuned, safety
+    models: dict[str, ModelReference]  # the roles given as models
     settings: dict[str, Any]  # shared parameters as configured (or their defaults)
+    adapters: dict[str, str] = field(default_factory=dict)  # roles given as aligned + adapter
+
+    def role_sources(self) -> dict[str, str]:
+        """Where each role comes from, for the report: a model, or aligned + adapter."""
+        sources = {role: str(model) for role, model in self.models.items()}
+        for role, path in self.adapters.items():
+            sources[role] = f"{self.models['aligned']}+{path} (LoRA factors)"
+        return {role: sources[role] for role in ("aligned", *ROLES)}
 
     def report_settings(self, options: MergeOptions, dtype: str | None) -> dict[str, Any]:
         settings = dict(self.settings)
@@ -119,15 +127,17 @@ def _shared_scopes(config: MergeConfiguration) -> Iterator[tuple[str, dict | Non
             yield f"modules.{name}.slices[{i}].parameters", out_slice.parameters
 
 
-def _roles(config: MergeConfiguration) -> dict[str, ModelReference]:
+def _roles(config: MergeConfiguration, adapters: dict[str, str]) -> dict[str, ModelReference]:
     base = config.base_model
     if base is None:
         raise SafeMergeError("base_model: safemerge needs the aligned model as base_model")
     others = {model for _, model, _ in _sources(config) if model != base}
-    if len(others) != len(ROLES):
+    model_roles = [role for role in ROLES if role not in adapters]
+    if len(others) != len(model_roles):
+        given = f" ({', '.join(sorted(adapters))} from adapters)" if adapters else ""
         raise SafeMergeError(
-            f"models: safemerge needs exactly {len(ROLES)} models besides base_model, one per "
-            f"role ({', '.join(ROLES)}); got {len(others)}"
+            f"models: safemerge needs exactly {len(model_roles)} models besides base_model, one "
+            f"per role ({', '.join(model_roles)}){given}; got {len(others)}"
         )
     models: dict[str, ModelReference] = {"aligned": base}
     for where, model, parameters in _sources(config):
@@ -157,6 +167,11 @@ def _roles(config: MergeConfiguration) -> dict[str, ModelReference]:
             raise SafeMergeError(
                 f"{where} ({model}): parameters.role {role!r} is not one of {', '.join(ROLES)}"
             )
+        if role in adapters:
+            raise SafeMergeError(
+                f"{where} ({model}): role {role!r} is also given by parameters.{role}_adapter; "
+                "use one"
+            )
         if role in models and models[role] != model:
             raise SafeMergeError(
                 f"{where} ({model}): role {role!r} is already given to model {models[role]}"
@@ -167,7 +182,7 @@ def _roles(config: MergeConfiguration) -> dict[str, ModelReference]:
                     f"{where} ({model}): this model already has role {other_role!r}"
                 )
         models[role] = model
-    missing = [role for role in ROLES if role not in models]
+    missing = [role for role in model_roles if role not in models]
     if missing:
         raise SafeMergeError(
             f"models: no model has role {missing[0]!r} (each of {', '.join(ROLES)} exactly once)"
@@ -190,6 +205,32 @@ def read_tensor_shapes(model_dir: str) -> dict[str, tuple[int, ...]]:
             for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
                 shapes[key] = tuple(handle.get_slice(key).get_shape())
     return shapes
+
+
+def _check_adapters(adapters: dict[str, str], aligned: ModelReference) -> None:
+    """Each adapter opens as a plain LoRA and fits the aligned model's weights (headers only)."""
+    from mergekit_safemerge.adapters import open_adapter
+
+    aligned_dir = _local_dir(aligned)
+    reference = read_tensor_shapes(aligned_dir) if aligned_dir else {}
+    for role, path in adapters.items():
+        if not os.path.isdir(path):
+            raise SafeMergeError(f"parameters.{role}_adapter: folder {path} not found")
+        adapter = open_adapter(path)
+        if not reference:
+            continue
+        for name, shape in sorted(adapter.factor_shapes().items()):
+            expected = reference.get(name)
+            if expected is None:
+                raise SafeMergeError(
+                    f"parameters.{role}_adapter: adapter {path} changes {name}, which aligned "
+                    f"model {aligned} does not have"
+                )
+            if tuple(expected) != shape:
+                raise SafeMergeError(
+                    f"tensor {name}: adapter {path} ({role}) makes an update of shape {shape}, "
+                    f"but aligned model {aligned} has {tuple(expected)}"
+                )
 
 
 def _check_local_inputs(
@@ -250,7 +291,13 @@ def validate_config(config: MergeConfiguration, options: MergeOptions) -> Valida
     """All checks that need no tensor data; raises :class:`SafeMergeError` at the first fault."""
     for where, parameters in _shared_scopes(config):
         _check_shared(parameters, where)
-    models = _roles(config)
+    top = config.parameters or {}
+    adapters = {
+        role: SHARED[key].validate(top[key])
+        for role, key in (("finetuned", "finetuned_adapter"), ("safety", "safety_adapter"))
+        if top.get(key)
+    }
+    models = _roles(config, adapters)
     settings: dict[str, Any] = {}
     for name, spec in SHARED.items():
         setting = (config.parameters or {}).get(name)
@@ -270,4 +317,5 @@ def validate_config(config: MergeConfiguration, options: MergeOptions) -> Valida
         for value in _leaf_values((parameters or {}).get("targets", []))
     ]
     _check_local_inputs(models, options, targets)
-    return ValidatedConfig(models=models, settings=settings)
+    _check_adapters(adapters, models["aligned"])
+    return ValidatedConfig(models=models, settings=settings, adapters=adapters)

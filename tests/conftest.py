@@ -36,8 +36,12 @@ def make_lora_adapter(
     rank: int = 4,
     targets: tuple[str, ...] = ("q_proj", "v_proj"),
     scale: float = 0.05,
+    **lora_options,
 ) -> str:
-    """A real PEFT LoRA adapter on ``base_dir`` with non-zero random A and B factors."""
+    """A real PEFT LoRA adapter on ``base_dir`` with non-zero random A and B factors.
+
+    ``lora_options`` go to ``peft.LoraConfig`` (e.g. ``use_rslora``, ``alpha_pattern``).
+    """
     import peft
     import transformers
 
@@ -48,6 +52,7 @@ def make_lora_adapter(
         target_modules=list(targets),
         lora_dropout=0.0,
         init_lora_weights=False,
+        **lora_options,
     )
     peft_model = peft.get_peft_model(model, config)
     generator = torch.Generator().manual_seed(seed)
