@@ -1,0 +1,48 @@
+"""The benchmark scripts stay runnable: a tiny smoke run of each (the real runs are manual)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_bench_merge_smoke(tmp_path):
+    results = tmp_path / "perf.md"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_merge.py"), "--size", "tiny",
+         "--repeats", "1", "--runs", "linear,safemerge,naive,adapters",
+         "--work", str(tmp_path / "work"), "--results", str(results)],
+        check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    text = results.read_text()
+    for run in ("linear", "safemerge", "naive", "adapters"):
+        assert f"| {run} |" in text
+    assert "safemerge wall / linear" in text and "adapters max RSS / linear" in text
+    assert not (tmp_path / "work").exists()
+
+
+def test_synthetic_adapters_reproduce_the_finetuned_model(tmp_path):
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from synthetic import SHAPES, build_synthetic_roles
+
+    from mergekit_safemerge.adapters import LoraAdapter
+
+    paths = build_synthetic_roles(str(tmp_path), SHAPES["tiny"], adapters=True, dtype=torch.float32)
+    from helpers import load_state
+
+    aligned, finetuned = load_state(paths["aligned"]), load_state(paths["finetuned"])
+    adapter = LoraAdapter(paths["finetuned_adapter"])
+    assert len(adapter.modules) == 2 * 2
+    for name, weight in aligned.items():
+        factors = adapter.factors(name)
+        expected = finetuned[name]
+        got = weight if factors is None else weight + factors.delta()
+        assert torch.allclose(got, expected, atol=1e-6), name
