@@ -84,8 +84,14 @@ def build_synthetic_roles(
     rank: int = 8,
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
+    adapters: bool = False,
 ) -> dict[str, str]:
-    """Write the four role folders (sharded safetensors + index + config); return their paths."""
+    """Write the four role folders (sharded safetensors + index + config); return their paths.
+
+    With ``adapters``, also write PEFT LoRA adapter folders ``finetuned_adapter`` and
+    ``safety_adapter`` (``lora_alpha = r``, so ``D = B A``) whose merge into ``aligned`` gives
+    the ``finetuned`` and ``safety`` models (up to their dtype).
+    """
     from safetensors.torch import save_file
 
     generator = torch.Generator().manual_seed(seed)
@@ -106,6 +112,8 @@ def build_synthetic_roles(
                       os.path.join(paths[role], shard), metadata={"format": "pt"})  # fmt: skip
             weight_maps[role].update({n: shard for n in tensors})
 
+    factors: dict[str, dict[str, torch.Tensor]] = {"finetuned": {}, "safety": {}}
+
     def same(tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         return {role: tensor for role in ROLES}
 
@@ -124,9 +132,13 @@ def build_synthetic_roles(
             roles = {"unaligned": base, "aligned": aligned, "finetuned": aligned, "safety": aligned}
             if any(suffix.endswith(f"{t}.weight") for t in targets):
                 out_f, in_f = size
+                module = f"model.layers.{layer}.{suffix.removesuffix('.weight')}"
                 for role in ("finetuned", "safety"):
-                    update = randn(out_f, rank, scale=0.01) @ randn(rank, in_f, scale=0.01)
-                    roles[role] = aligned + update
+                    up, down = randn(out_f, rank, scale=0.01), randn(rank, in_f, scale=0.01)
+                    roles[role] = aligned + up @ down
+                    if adapters:
+                        factors[role][f"base_model.model.{module}.lora_A.weight"] = down
+                        factors[role][f"base_model.model.{module}.lora_B.weight"] = up
             tensors[f"model.layers.{layer}.{suffix}"] = {r: t.to(dtype) for r, t in roles.items()}
         write(f"model-{layer + 2:05d}-of-{shards:05d}.safetensors", tensors)
     write(f"model-{shards:05d}-of-{shards:05d}.safetensors", {
@@ -137,4 +149,25 @@ def build_synthetic_roles(
         index = {"metadata": {"total_size": 0}, "weight_map": weight_maps[role]}
         with open(os.path.join(paths[role], "model.safetensors.index.json"), "w") as fp:
             json.dump(index, fp, indent=2)
+    if adapters:
+        for role, tensors in factors.items():
+            folder = paths[f"{role}_adapter"] = os.path.join(out_dir, f"{role}_adapter")
+            os.makedirs(folder, exist_ok=True)
+            save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
+            config = {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "base_model_name_or_path": paths["aligned"],
+                "r": rank,
+                "lora_alpha": rank,
+                "lora_dropout": 0.0,
+                "target_modules": list(targets),
+                "bias": "none",
+                "fan_in_fan_out": False,
+                "use_rslora": False,
+                "use_dora": False,
+                "inference_mode": True,
+            }
+            with open(os.path.join(folder, "adapter_config.json"), "w") as fp:
+                json.dump(config, fp, indent=2)
     return paths
