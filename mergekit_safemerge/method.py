@@ -9,6 +9,7 @@ decided (:mod:`.report`).
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from dataclasses import dataclass
@@ -199,6 +200,13 @@ def entries_by_role(
     return found
 
 
+class NonFiniteInput(SafeMergeError):
+    """A NaN or Inf in one of a candidate's inputs (the caller names the model)."""
+
+    def __init__(self, tensor_name: str):
+        super().__init__(f"tensor {tensor_name}: an input contains NaN or Inf")
+
+
 @dataclass(frozen=True)
 class RoleInput:
     """One role's weight for the current tensor, and where it came from."""
@@ -238,7 +246,7 @@ def role_inputs(
     return inputs
 
 
-def _check_inputs(tensor_name: str, inputs: dict[str, RoleInput]) -> None:
+def _check_shapes(tensor_name: str, inputs: dict[str, RoleInput]) -> None:
     aligned = inputs["aligned"]
     for role_name, item in inputs.items():
         if item.tensor.shape != aligned.tensor.shape:
@@ -247,10 +255,16 @@ def _check_inputs(tensor_name: str, inputs: dict[str, RoleInput]) -> None:
                 f"({role_name}) differs from {tuple(aligned.tensor.shape)} in aligned model "
                 f"{aligned.source}"
             )
+
+
+def _raise_non_finite(tensor_name: str, inputs: dict[str, RoleInput]) -> None:
+    """Name the first input with a NaN or Inf (only called once a norm came out non-finite)."""
+    for role_name, item in inputs.items():
         if not bool(torch.isfinite(item.tensor).all()):
             raise SafeMergeError(
                 f"tensor {tensor_name} of model {item.source} ({role_name}) contains NaN or Inf"
             )
+    raise SafeMergeError(f"tensor {tensor_name}: the updates overflow float32")
 
 
 def merge_matrix(
@@ -287,6 +301,10 @@ def merge_matrix(
 
     delta_norm = frobenius_norm(delta)
     alignment_norm = frobenius_norm(alignment)
+    safety_norm = frobenius_norm(safety_delta)
+    # Every input enters one of D, S, V: a NaN or Inf anywhere makes one of their norms non-finite.
+    if not math.isfinite(delta_norm + alignment_norm + safety_norm):
+        raise NonFiniteInput(tensor_name)
 
     def record(criterion: Criterion | None, decision: str, reason: str) -> MatrixRecord:
         return MatrixRecord(
@@ -297,7 +315,7 @@ def merge_matrix(
             decision=decision,
             reason=reason,
             delta_norm=delta_norm,
-            safety_norm=frobenius_norm(safety_delta),
+            safety_norm=safety_norm,
             alignment_norm=alignment_norm,
             delta_safety_cosine=update_cosine(delta, safety_delta),
             criterion="none" if criterion is None else criterion.describe(),
@@ -379,27 +397,30 @@ class SafeMergeMethod(GroupMergeMethod):
         name = metadata.name or "<unnamed tensor>"
         if not is_candidate(name, finetuned.ndim, metadata.vocabulary_axis, parse_targets(targets)):
             return finetuned
-        _check_inputs(name, inputs)
+        _check_shapes(name, inputs)
         session = current_session()
         measure_only = session is not None and session.measure_only
-        merged, record = merge_matrix(
-            name,
-            inputs["aligned"].tensor,
-            inputs["unaligned"].tensor,
-            finetuned,
-            inputs["safety"].tensor,
-            threshold=threshold,
-            safety_weight=safety_weight,
-            combine=combine,
-            density=density,
-            # mergekit's --random-seed seeds torch; a per-tensor seed derived from it keeps
-            # dare_linear reproducible whatever order the tensors are executed in.
-            seed=tensor_seed(torch.initial_seed(), name),
-            selection=None if measure_only else _ranked_selection(name, select),
-            measure_only=measure_only,
-            delta_factors=inputs["finetuned"].factors,
-            safety_factors=inputs["safety"].factors,
-        )
+        try:
+            merged, record = merge_matrix(
+                name,
+                inputs["aligned"].tensor,
+                inputs["unaligned"].tensor,
+                finetuned,
+                inputs["safety"].tensor,
+                threshold=threshold,
+                safety_weight=safety_weight,
+                combine=combine,
+                density=density,
+                # mergekit's --random-seed seeds torch; a per-tensor seed derived from it keeps
+                # dare_linear reproducible whatever order the tensors are executed in.
+                seed=tensor_seed(torch.initial_seed(), name),
+                selection=None if measure_only else _ranked_selection(name, select),
+                measure_only=measure_only,
+                delta_factors=inputs["finetuned"].factors,
+                safety_factors=inputs["safety"].factors,
+            )
+        except NonFiniteInput:
+            _raise_non_finite(name, inputs)
         if session is not None:
             session.add(record)
         return merged

@@ -129,7 +129,7 @@ def test_low_rank_path_matches_dense_oracle(seed):
         left = left + 3 * torch.linalg.svd(v, full_matrices=False).U[:, :rank]
     d = left @ torch.randn(rank, in_f, generator=g)
     criterion = alignment_criterion(d, v)
-    assert criterion.path == "low-rank" and criterion.rank == 16
+    assert criterion.path == "low-rank" and rank <= criterion.rank <= 16
     assert criterion.rho == pytest.approx(oracle_rho(d, v), rel=1e-5, abs=1e-6)
     assert factored_alignment_cosine(left, torch.linalg.lstsq(left, d).solution, v
                                      ) == pytest.approx(oracle_rho(d, v), rel=1e-4)  # fmt: skip
