@@ -27,3 +27,14 @@ def test_scan_example_in_docs_is_the_demo_output(tmp_path, monkeypatch, capsys):
     got = "\n".join(line.rstrip() for line in printed.splitlines() if not line.startswith("wrote "))
     documented = _code_block_after((ROOT / "docs" / "scan.md").read_text(), "### Example")
     assert got.strip() == documented.strip()
+
+
+def test_resource_table_in_recipes_doc_is_the_script_output():
+    import subprocess
+    import sys
+
+    table = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "resource_estimate.py")],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert table in (ROOT / "docs" / "recipes.md").read_text()
