@@ -44,6 +44,12 @@ def _run(group, **parameters):
     return result
 
 
+def _decide(m, threshold, name="w"):
+    """merge_matrix on the four roles of ``m`` with the paper's safety weight 0.2."""
+    return merge_matrix(name, m["aligned"], m["unaligned"], m["finetuned"], m["safety"],
+                        threshold=threshold, safety_weight=0.2)  # fmt: skip
+
+
 def _rho(m):
     return oracle_rho(
         m["finetuned"].double() - m["aligned"].double(),
@@ -54,64 +60,27 @@ def _rho(m):
 def test_threshold_just_above_and_below_rho():
     m = _matrices()
     rho = _rho(m)
-    merged, rec = merge_matrix(
-        "w",
-        m["aligned"],
-        m["unaligned"],
-        m["finetuned"],
-        m["safety"],
-        threshold=rho + 1e-4,
-        safety_weight=0.2,
-    )
+    merged, rec = _decide(m, rho + 1e-4)
     assert rec.decision == MERGED and rec.rho == pytest.approx(rho, rel=1e-5)
     expected = (
         m["aligned"] + 0.8 * (m["finetuned"] - m["aligned"]) + 0.2 * (m["safety"] - m["aligned"])
     )
     assert torch.allclose(merged, expected, atol=1e-6)
-    kept, rec = merge_matrix(
-        "w",
-        m["aligned"],
-        m["unaligned"],
-        m["finetuned"],
-        m["safety"],
-        threshold=rho - 1e-4,
-        safety_weight=0.2,
-    )
+    kept, rec = _decide(m, rho - 1e-4)
     assert rec.decision == KEPT and kept is m["finetuned"]
 
 
 def test_strict_inequality_at_rho_equal_threshold():
     m = _matrices()
-    rho = merge_matrix(
-        "w",
-        *(m[k] for k in ("aligned", "unaligned", "finetuned", "safety")),
-        threshold=0.0,
-        safety_weight=0.2,
-    )[1].rho
-    _, rec = merge_matrix(
-        "w",
-        m["aligned"],
-        m["unaligned"],
-        m["finetuned"],
-        m["safety"],
-        threshold=rho,
-        safety_weight=0.2,
-    )
+    rho = _decide(m, 0.0)[1].rho
+    _, rec = _decide(m, rho)
     assert rec.decision == KEPT
 
 
 def test_zero_update_keeps_the_matrix():
     m = _matrices()
     m["finetuned"] = m["aligned"].clone()
-    out, rec = merge_matrix(
-        "w",
-        m["aligned"],
-        m["unaligned"],
-        m["finetuned"],
-        m["safety"],
-        threshold=1.0,
-        safety_weight=0.2,
-    )
+    out, rec = _decide(m, 1.0)
     assert out is m["finetuned"] and rec.decision == KEPT and rec.rho is None
     assert rec.reason.startswith("D = 0")
 
@@ -119,26 +88,10 @@ def test_zero_update_keeps_the_matrix():
 def test_zero_alignment_gives_rho_zero_and_is_recorded():
     m = _matrices()
     m["unaligned"] = m["aligned"].clone()
-    _, rec = merge_matrix(
-        "w",
-        m["aligned"],
-        m["unaligned"],
-        m["finetuned"],
-        m["safety"],
-        threshold=0.35,
-        safety_weight=0.2,
-    )
+    _, rec = _decide(m, 0.35)
     assert rec.rho == 0.0 and rec.alignment_norm == 0.0 and rec.decision == MERGED
     assert rec.reason.startswith("V = 0")
-    _, rec = merge_matrix(
-        "w",
-        m["aligned"],
-        m["unaligned"],
-        m["finetuned"],
-        m["safety"],
-        threshold=0.0,
-        safety_weight=0.2,
-    )
+    _, rec = _decide(m, 0.0)
     assert rec.decision == KEPT
 
 
@@ -147,15 +100,7 @@ def test_record_fields_match_oracle():
     d = m["finetuned"] - m["aligned"]
     s = m["safety"] - m["aligned"]
     v = m["aligned"] - m["unaligned"]
-    _, rec = merge_matrix(
-        "x.weight",
-        m["aligned"],
-        m["unaligned"],
-        m["finetuned"],
-        m["safety"],
-        threshold=0.5,
-        safety_weight=0.2,
-    )
+    _, rec = _decide(m, 0.5, name="x.weight")
     assert rec.shape == (12, 20)
     assert rec.delta_norm == pytest.approx(float(d.norm()), rel=1e-5)
     assert rec.safety_norm == pytest.approx(float(s.norm()), rel=1e-5)
