@@ -124,7 +124,7 @@ def build_scan(records: Sequence[MatrixRecord], settings: dict, models: dict) ->
 def write_csv(document: dict[str, Any], path: str) -> None:
     fields = [
         "name", "module", "block", "rows", "cols", "rho", "threshold", "decision", "reason",
-        "delta_norm", "safety_norm", "alignment_norm", "delta_safety_cosine",
+        "delta_norm", "safety_norm", "alignment_norm", "delta_safety_cosine", "criterion",
     ]  # fmt: skip
     with open(path, "w", newline="", encoding="utf-8") as fp:
         writer = csv.DictWriter(fp, fieldnames=fields)
