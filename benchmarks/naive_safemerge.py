@@ -19,7 +19,8 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
-from mergekit_safemerge.method import PARAMETERS, is_candidate, parse_targets
+from mergekit_safemerge.method import PARAMETERS
+from mergekit_safemerge.targets import is_candidate, parse_targets
 
 NAME = "safemerge_naive"
 

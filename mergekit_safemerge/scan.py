@@ -52,7 +52,7 @@ def measure_candidates(
     # task field), so run the per-tensor tasks of the plan directly: the executor streams them
     # and drops each result after use.
     planner._plan()
-    from mergekit_safemerge.method import matches_targets, parse_targets
+    from mergekit_safemerge.targets import matches_targets, parse_targets
 
     modules = parse_targets(targets) if targets else ()
     tasks = [

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mergekit_safemerge.targets import matches_targets
+
 ARCHITECTURES = ("llama", "qwen2", "gemma2")
 ROLE_FOLDERS = ("unaligned", "aligned", "finetuned", "safety")
 
@@ -124,11 +126,6 @@ def _is_matrix(name: str, tensor: torch.Tensor) -> bool:
     return tensor.ndim == 2 and "embed" not in name and "lm_head" not in name
 
 
-def _is_target(name: str, targets: Sequence[str]) -> bool:
-    module = name[: -len(".weight")] if name.endswith(".weight") else name
-    return any(module.endswith("." + t) for t in targets)
-
-
 @dataclass(frozen=True)
 class RoleModels:
     """Folders of the four roles, plus the update added to every target matrix."""
@@ -159,7 +156,7 @@ def build_role_models(
     unaligned = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
     aligned, finetuned, safety = dict(unaligned), dict(unaligned), dict(unaligned)
     target_names = sorted(
-        n for n, t in unaligned.items() if _is_matrix(n, t) and _is_target(n, targets)
+        n for n, t in unaligned.items() if _is_matrix(n, t) and matches_targets(n, tuple(targets))
     )
     # Spread the share of D inside V over [0, 1], in a seeded order over the target matrices.
     order = torch.randperm(len(target_names), generator=generator).tolist()

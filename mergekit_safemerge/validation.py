@@ -21,8 +21,9 @@ from mergekit.options import MergeOptions
 from pydantic import ValidationError
 
 from mergekit_safemerge.errors import SafeMergeError
-from mergekit_safemerge.method import PARAMETERS, ROLES, parse_targets
+from mergekit_safemerge.method import PARAMETERS, ROLES
 from mergekit_safemerge.selection import COUNT_MODES
+from mergekit_safemerge.targets import matches_targets, parse_targets
 
 SHARED = {p.name: p for p in PARAMETERS if p.scope == ParameterScope.SHARED}
 # Decided once for the whole merge: a per-tensor filter or a layer gradient makes no sense here.
@@ -270,8 +271,6 @@ def _check_local_inputs(
                     f"tensor {name}: shape {shape} in model {model} ({role}) differs from "
                     f"{expected} in aligned model {models['aligned']}"
                 )
-    from mergekit_safemerge.method import matches_targets
-
     matrices = [name for name, shape in reference.items() if len(shape) == 2]
     for value in targets:
         for target in parse_targets(value):

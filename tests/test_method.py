@@ -8,15 +8,10 @@ from helpers import oracle_rho
 from mergekit.merge_methods import TensorGroup
 
 from mergekit_safemerge.errors import SafeMergeError
-from mergekit_safemerge.method import (
-    SAFEMERGE,
-    is_candidate,
-    matches_targets,
-    merge_matrix,
-    parse_targets,
-)
+from mergekit_safemerge.method import SAFEMERGE, merge_matrix
 from mergekit_safemerge.report import KEPT, MERGED
 from mergekit_safemerge.session import MergeSession, active_session
+from mergekit_safemerge.targets import is_candidate, matches_targets, parse_targets
 
 IDS = ("aligned", "unaligned", "finetuned", "safety")
 ROLE = {"unaligned": "unaligned", "finetuned": "finetuned", "safety": "safety"}
