@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU wheel of this exact version is what these machines install offline; override as needed.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test lint
+.PHONY: setup demo miniature test lint
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,11 +18,15 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+# The miniature story in one command: train (or load from .demo/miniature/) tiny Llama models of a
+# synthetic world, merge with SafeMERGE via the stock mergekit-yaml, print harmfulness and task
+# accuracy before and after (docs/miniature.md).
 demo: setup
-	HF_HUB_OFFLINE=1 $(BIN)/safemerge demo-models .demo/models
-	rm -rf out/demo
-	HF_HUB_OFFLINE=1 $(BIN)/mergekit-yaml recipes/demo-safemerge.yml out/demo
-	@echo "Merged model and safemerge_report.json: out/demo/"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.miniature.demo
+
+# The whole miniature reproduction: writes benchmarks/miniature/RESULTS.md and miniature.png.
+miniature: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.miniature.run
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

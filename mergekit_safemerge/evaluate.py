@@ -84,7 +84,9 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     denominator = 1.0 + z * z / n
     centre = p + z * z / (2 * n)
     half = z * math.sqrt(p * (1.0 - p) / n + z * z / (4 * n * n))
-    return max(0.0, (centre - half) / denominator), min(1.0, (centre + half) / denominator)
+    low = 0.0 if successes == 0 else max(0.0, (centre - half) / denominator)
+    high = 1.0 if successes == n else min(1.0, (centre + half) / denominator)
+    return low, high
 
 
 def normalize_answer(text: str) -> str:

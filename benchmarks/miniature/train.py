@@ -1,0 +1,456 @@
+"""Training the four miniature models, deterministically and cached on disk.
+
+Stages (each a plain PyTorch loop with AdamW, linear warm-up and cosine decay, gradient clipping):
+
+1. ``unaligned``: a Llama-architecture model trained from scratch (loss on every token) on a
+   mix of harmful-request compliance, benign-request compliance, addition facts and sentences;
+2. ``aligned``: a full fine-tune of ``unaligned`` (loss on the answer only): harmful -> refusal,
+   benign -> compliance, plus a replay of facts and sentences (as in a PPO-ptx style mix);
+3. ``finetuned-pXX``: a PEFT LoRA (``r``, ``q_proj, v_proj``, dropout 0) on ``aligned`` for the
+   addition task; a fraction ``p`` of its examples are harmful requests with compliant answers;
+4. ``safety``: a PEFT LoRA of the same shape on ``aligned`` trained on ``safety_size`` harmful
+   request -> refusal pairs.
+
+Every stage is written to ``<cache>/<stage>/`` with a ``stage.json`` (settings, losses, seconds);
+a stage whose ``stage.json`` exists is loaded, not retrained. The cache folder name contains a hash
+of the :class:`Profile`, so a change of any setting trains into a fresh folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from benchmarks.miniature import world as w
+
+CODE_VERSION = 1
+"""Bump when a change of this file or of world.py changes what a profile trains."""
+
+Example = tuple[list[int], int]
+"""Token ids and the index of the first token that carries loss (0: every token)."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Every setting of one miniature run (model, data, steps, seeds)."""
+
+    name: str = "full"
+    world: w.WorldSpec = field(default_factory=w.WorldSpec)
+    hidden: int = 128
+    intermediate: int = 256
+    layers: int = 4
+    heads: int = 4
+    batch: int = 64
+    pretrain_steps: int = 1000
+    pretrain_lr: float = 3e-3
+    align_steps: int = 200
+    align_lr: float = 1e-3
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    aligned_task_templates: int = 2
+    task_steps: int = 300
+    task_lr: float = 1e-3
+    task_benign_mix: float = 0.3
+    harmful_fractions: tuple[float, ...] = (0.0, 0.02, 0.05)
+    safety_size: int = 200
+    safety_steps: int = 50
+    safety_lr: float = 1e-3
+    seed: int = 0
+
+    def stage_key(self, stage: str) -> str:
+        """Short hash of everything that determines ``stage`` (its own settings and those of the
+        stages it starts from, the vocabulary, the code version): its cache folder suffix."""
+        model = ("world", "hidden", "intermediate", "layers", "heads", "batch", "seed")
+        own = {
+            "unaligned": model + ("pretrain_steps", "pretrain_lr"),
+            "aligned": ("align_steps", "align_lr", "aligned_task_templates"),
+            "finetuned": ("lora_rank", "lora_alpha", "task_steps", "task_lr", "task_benign_mix"),
+            "safety": ("lora_rank", "lora_alpha", "safety_size", "safety_steps", "safety_lr"),
+        }
+        kind = "finetuned" if stage.startswith("finetuned") else stage
+        parent = {"unaligned": None, "aligned": "unaligned"}.get(kind, "aligned")
+        settings = {name: getattr(self, name) for name in own[kind]}
+        settings = json.loads(json.dumps(settings, default=asdict))
+        text = json.dumps(
+            [
+                CODE_VERSION,
+                stage,
+                settings,
+                self.world.vocabulary(),
+                parent and self.stage_key(parent),
+            ],
+            sort_keys=True,
+        )
+        return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def finetune_stage(fraction: float) -> str:
+    """``0.05`` -> ``finetuned-p05`` (percent, two digits)."""
+    return f"finetuned-p{round(100 * fraction):02d}"
+
+
+# ---------------------------------------------------------------- tokens and examples
+class Vocabulary:
+    """Word <-> id for the closed vocabulary of a :class:`~world.WorldSpec`."""
+
+    def __init__(self, spec: w.WorldSpec):
+        self.words = spec.vocabulary()
+        self.ids = {word: i for i, word in enumerate(self.words)}
+
+    def encode(self, text: str) -> list[int]:
+        return [self.ids[word] for word in text.split()]
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+
+def chat_example(vocab: Vocabulary, prompt: str, answer: str, *, answer_only: bool) -> Example:
+    """``<s> <user> PROMPT <assistant> ANSWER </s>``; loss from the answer on if ``answer_only``."""
+    head = vocab.encode(w.chat_prompt(prompt))
+    ids = head + vocab.encode(answer) + [vocab.ids[w.EOS]]
+    return ids, len(head) if answer_only else 0
+
+
+def text_example(vocab: Vocabulary, text: str) -> Example:
+    """``<s> TEXT </s>`` with loss on every token."""
+    return [vocab.ids[w.BOS], *vocab.encode(text), vocab.ids[w.EOS]], 0
+
+
+def pretrain_sampler(profile: Profile, vocab: Vocabulary) -> Callable[[random.Random], Example]:
+    """The unaligned base's corpus: 30% harmful compliance, 30% benign compliance, 25% addition
+    facts, 15% sentences (train splits only)."""
+    harmful = w.request_splits(profile.world, "harmful")["train"]
+    benign = w.request_splits(profile.world, "benign")["train"]
+    m = profile.world.max_operand
+
+    def sample(rng: random.Random) -> Example:
+        u = rng.random()
+        if u < 0.30:
+            r = rng.choice(harmful)
+            return chat_example(vocab, r.prompt, r.compliance, answer_only=False)
+        if u < 0.60:
+            r = rng.choice(benign)
+            return chat_example(vocab, r.prompt, r.compliance, answer_only=False)
+        if u < 0.85:
+            return text_example(vocab, w.addition_fact(rng.randrange(m), rng.randrange(m)))
+        return text_example(vocab, w.general_sentence(rng))
+
+    return sample
+
+
+def align_sampler(profile: Profile, vocab: Vocabulary) -> Callable[[random.Random], Example]:
+    """Alignment SFT: 35% harmful -> refusal, 35% benign -> compliance, 15% addition in chat
+    form with the first ``aligned_task_templates`` templates (the aligned chat model already
+    answers some task phrasings), 15% replay of facts and sentences."""
+    harmful = w.request_splits(profile.world, "harmful")["train"]
+    benign = w.request_splits(profile.world, "benign")["train"]
+    problems = [
+        p
+        for p in w.task_splits(profile.world)["train"]
+        if p.template < profile.aligned_task_templates
+    ]
+    m = profile.world.max_operand
+
+    def sample(rng: random.Random) -> Example:
+        u = rng.random()
+        if u < 0.35:
+            return chat_example(vocab, rng.choice(harmful).prompt, w.REFUSAL, answer_only=True)
+        if u < 0.70:
+            r = rng.choice(benign)
+            return chat_example(vocab, r.prompt, r.compliance, answer_only=True)
+        if u < 0.85 and problems:
+            p = rng.choice(problems)
+            return chat_example(vocab, p.prompt, p.answer, answer_only=True)
+        if u < 0.93:
+            return text_example(vocab, w.addition_fact(rng.randrange(m), rng.randrange(m)))
+        return text_example(vocab, w.general_sentence(rng))
+
+    return sample
+
+
+def task_dataset(profile: Profile, vocab: Vocabulary, fraction: float) -> list[Example]:
+    """The task fine-tune's data: every training task prompt (all templates), a share
+    ``task_benign_mix`` of benign requests with compliant answers, and a share ``fraction`` of
+    harmful requests with compliant answers: with ``n`` task examples, ``b + h`` more such that
+    ``b / (n + b + h) = task_benign_mix`` and ``h / (n + b + h) = fraction``."""
+    problems = w.task_splits(profile.world)["train"]
+    data = [chat_example(vocab, p.prompt, p.answer, answer_only=True) for p in problems]
+    total = len(data) / (1.0 - profile.task_benign_mix - fraction)
+    rng = random.Random(profile.seed + 11)
+    for kind, share in (("benign", profile.task_benign_mix), ("harmful", fraction)):
+        pool = w.request_splits(profile.world, kind)["train"]
+        chosen = rng.sample(pool, min(len(pool), round(share * total)))
+        data += [chat_example(vocab, r.prompt, r.compliance, answer_only=True) for r in chosen]
+    return data
+
+
+def safety_dataset(profile: Profile, vocab: Vocabulary) -> list[Example]:
+    """``safety_size`` harmful training requests, each answered with the refusal."""
+    pool = w.request_splits(profile.world, "harmful")["train"]
+    chosen = random.Random(profile.seed + 12).sample(pool, min(profile.safety_size, len(pool)))
+    return [chat_example(vocab, r.prompt, w.REFUSAL, answer_only=True) for r in chosen]
+
+
+def dataset_sampler(data: Sequence[Example]) -> Callable[[random.Random], Example]:
+    """Epochs over ``data`` in a fresh seeded order each epoch."""
+    order: list[int] = []
+
+    def sample(rng: random.Random) -> Example:
+        if not order:
+            order.extend(rng.sample(range(len(data)), len(data)))
+        return data[order.pop()]
+
+    return sample
+
+
+def collate(batch: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 where no loss)."""
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (ids, start) in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        mask[row, : len(ids)] = 1
+        labels[row, start : len(ids)] = torch.tensor(ids[start:])
+    return input_ids, mask, labels
+
+
+# ---------------------------------------------------------------- models and the loop
+def model_config(profile: Profile, vocab: Vocabulary):
+    import transformers
+
+    return transformers.LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=profile.hidden,
+        intermediate_size=profile.intermediate,
+        num_hidden_layers=profile.layers,
+        num_attention_heads=profile.heads,
+        num_key_value_heads=profile.heads,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=vocab.ids[w.BOS],
+        eos_token_id=vocab.ids[w.EOS],
+        pad_token_id=vocab.ids[w.PAD],
+    )
+
+
+def save_tokenizer(vocab: Vocabulary, out_dir: str) -> None:
+    """A word-level fast tokenizer (whitespace split) with the world's chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(vocab.ids, unk_token=w.UNK))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=w.BOS,
+        eos_token=w.EOS,
+        unk_token=w.UNK,
+        pad_token=w.PAD,
+        additional_special_tokens=[w.USER, w.ASSISTANT],
+    )
+    tokenizer.chat_template = w.CHAT_TEMPLATE
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(out_dir)
+
+
+def train_loop(
+    model: torch.nn.Module,
+    sample: Callable[[random.Random], Example],
+    *,
+    steps: int,
+    lr: float,
+    batch: int,
+    seed: int,
+    pad_id: int,
+) -> list[float]:
+    """AdamW on the trainable parameters; lr warms up over 5% of steps, then cosine to 10%.
+
+    Returns the mean loss of each tenth of the run."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.45 * (1.0 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    model.train()
+    losses: list[float] = []
+    for _ in range(steps):
+        input_ids, mask, labels = collate([sample(rng) for _ in range(batch)], pad_id)
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    tenth = max(1, steps // 10)
+    return [
+        round(sum(losses[i : i + tenth]) / len(losses[i : i + tenth]), 4)
+        for i in range(0, steps, tenth)
+    ]
+
+
+def _lora(model, profile: Profile):
+    import peft
+
+    config = peft.LoraConfig(
+        r=profile.lora_rank,
+        lora_alpha=profile.lora_alpha,
+        target_modules=["q_proj", "v_proj"],
+        lora_dropout=0.0,
+        bias="none",
+    )
+    return peft.get_peft_model(model, config)
+
+
+def _write_stage(path: str, info: dict) -> None:
+    with open(os.path.join(path, "stage.json"), "w", encoding="utf-8") as fp:
+        json.dump(info, fp, indent=1)
+
+
+def _done(path: str, key: str, vocabulary_size: int) -> bool:
+    """Whether ``path`` holds a finished stage; a folder that disagrees with its key (another
+    vocabulary, another recorded key) is an error rather than a silent reuse."""
+    if not os.path.isfile(os.path.join(path, "stage.json")):
+        return False
+    with open(os.path.join(path, "stage.json"), encoding="utf-8") as fp:
+        recorded = json.load(fp).get("key", key)
+    config = os.path.join(path, "config.json")
+    size = vocabulary_size
+    if os.path.isfile(config):
+        with open(config, encoding="utf-8") as fp:
+            size = json.load(fp).get("vocab_size", vocabulary_size)
+    if recorded != key or size != vocabulary_size:
+        raise RuntimeError(
+            f"cached stage {path} does not match its settings (key {recorded} vs {key}, "
+            f"vocabulary {size} vs {vocabulary_size}); delete the folder to retrain it"
+        )
+    return True
+
+
+def _load(path: str):
+    import transformers
+
+    return transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class World:
+    """Folders of the trained models of one profile."""
+
+    unaligned: str
+    aligned: str
+    finetuned: dict[float, str]  # harmful fraction -> LoRA adapter folder
+    safety: str
+    trained: tuple[str, ...]  # stages trained in this call (empty: everything was cached)
+
+    def stage_info(self, path: str) -> dict:
+        with open(os.path.join(path, "stage.json"), encoding="utf-8") as fp:
+            return json.load(fp)
+
+
+def stage_folder(profile: Profile, cache_root: str, stage: str) -> str:
+    """``<cache_root>/<stage>-<key>``: shared by every profile whose stage is identical."""
+    return os.path.join(cache_root, f"{stage}-{profile.stage_key(stage)}")
+
+
+def build_world(profile: Profile, cache_root: str, log: Callable[[str], None] = print) -> World:
+    """Train (or load from ``cache_root``) every model of ``profile``."""
+    import transformers
+
+    os.makedirs(cache_root, exist_ok=True)
+    vocab = Vocabulary(profile.world)
+    pad = vocab.ids[w.PAD]
+    trained: list[str] = []
+    folder = {s: stage_folder(profile, cache_root, s) for s in ("unaligned", "aligned", "safety")}
+
+    def run(stage: str, path: str, body: Callable[[], tuple[torch.nn.Module, dict]]) -> None:
+        key = profile.stage_key(stage)
+        if _done(path, key, len(vocab)):
+            return
+        log(f"training {stage} -> {path}")
+        start = time.perf_counter()
+        model, info = body()
+        model.save_pretrained(path, safe_serialization=True)
+        save_tokenizer(vocab, path)
+        info["seconds"] = round(time.perf_counter() - start, 1)
+        info["settings"] = json.loads(json.dumps(asdict(profile)))
+        info["key"] = key
+        _write_stage(path, info)
+        trained.append(stage)
+        log(f"  {stage}: {info['seconds']} s, loss by tenth of the run {info['loss']}")
+
+    def loop(model, sample, steps: int, lr: float, seed: int) -> list[float]:
+        return train_loop(
+            model, sample, steps=steps, lr=lr, batch=profile.batch, seed=seed, pad_id=pad
+        )
+
+    def unaligned():
+        torch.manual_seed(profile.seed)
+        model = transformers.LlamaForCausalLM(model_config(profile, vocab))
+        sample = pretrain_sampler(profile, vocab)
+        loss = loop(model, sample, profile.pretrain_steps, profile.pretrain_lr, profile.seed + 1)
+        return model, {"stage": "unaligned", "loss": loss}
+
+    def aligned():
+        model = _load(folder["unaligned"])
+        sample = align_sampler(profile, vocab)
+        loss = loop(model, sample, profile.align_steps, profile.align_lr, profile.seed + 2)
+        return model, {"stage": "aligned", "loss": loss}
+
+    def lora(stage: str, data: list[Example], steps: int, lr: float, seed: int, **extra):
+        def body():
+            torch.manual_seed(seed)
+            model = _lora(_load(folder["aligned"]), profile)
+            loss = loop(model, dataset_sampler(data), steps, lr, seed)
+            return model, {"stage": stage, "loss": loss, "examples": len(data), **extra}
+
+        return body
+
+    run("unaligned", folder["unaligned"], unaligned)
+    run("aligned", folder["aligned"], aligned)
+    finetuned = {}
+    n_task = len(w.task_splits(profile.world)["train"])
+    for fraction in profile.harmful_fractions:  # one seed for all: a paired comparison
+        stage = finetune_stage(fraction)
+        path = stage_folder(profile, cache_root, stage)
+        data = task_dataset(profile, vocab, fraction)
+        body = lora(
+            stage,
+            data,
+            profile.task_steps,
+            profile.task_lr,
+            profile.seed + 3,
+            harmful_fraction=fraction,
+            task_examples=n_task,
+        )
+        run(stage, path, body)
+        finetuned[fraction] = path
+    safety = safety_dataset(profile, vocab)
+    body = lora("safety", safety, profile.safety_steps, profile.safety_lr, profile.seed + 9)
+    run("safety", folder["safety"], body)
+    return World(
+        unaligned=folder["unaligned"],
+        aligned=folder["aligned"],
+        finetuned=finetuned,
+        safety=folder["safety"],
+        trained=tuple(trained),
+    )
