@@ -46,6 +46,13 @@ SCENARIOS = {
     "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 }
 RUNS = ("linear", "safemerge", "naive", "adapters", "lora_cache")
+# (label, run, reference run, measure, target ratio or None): the targets, in one place
+RATIO_CHECKS = (
+    ("safemerge wall / linear", "safemerge", "linear", "wall_s", 1.25),
+    ("adapters wall / lora_cache", "adapters", "lora_cache", "wall_s", 0.6),
+    ("adapters max RSS / linear", "adapters", "linear", "max_rss_bytes", 1.5),
+    ("naive dense-C wall / safemerge", "naive", "safemerge", "wall_s", None),
+)
 
 
 def _role_models(paths: dict[str, str]) -> list[dict]:
@@ -185,21 +192,13 @@ def main() -> None:
             f"{median(run, 'max_rss_bytes') / median(base, 'max_rss_bytes'):.2f} |"
         )
     checks = []
-    if {"safemerge", "linear"} <= set(runs):
-        ratio = median("safemerge", "wall_s") / median("linear", "wall_s")
-        checks.append(f"safemerge wall / linear = {ratio:.2f} (target <= 1.25): "
-                      f"{'met' if ratio <= 1.25 else 'missed'}")  # fmt: skip
-    if {"adapters", "lora_cache"} <= set(runs):
-        ratio = median("adapters", "wall_s") / median("lora_cache", "wall_s")
-        checks.append(f"adapters wall / lora_cache = {ratio:.2f} (target <= 0.6): "
-                      f"{'met' if ratio <= 0.6 else 'missed'}")  # fmt: skip
-    if {"adapters", "linear"} <= set(runs):
-        ratio = median("adapters", "max_rss_bytes") / median("linear", "max_rss_bytes")
-        checks.append(f"adapters max RSS / linear = {ratio:.2f} (target <= 1.5): "
-                      f"{'met' if ratio <= 1.5 else 'missed'}")  # fmt: skip
-    if {"safemerge", "naive"} <= set(runs):
-        ratio = median("naive", "wall_s") / median("safemerge", "wall_s")
-        checks.append(f"naive dense-C wall / safemerge = {ratio:.2f}")
+    for label, top, bottom, key, target in RATIO_CHECKS:
+        if {top, bottom} <= set(runs):
+            ratio = median(top, key) / median(bottom, key)
+            verdict = ""
+            if target is not None:
+                verdict = f" (target <= {target}): {'met' if ratio <= target else 'missed'}"
+            checks.append(f"{label} = {ratio:.2f}{verdict}")
     lines += ["", *[f"- {c}" for c in checks], ""]
     lines.append("Read and written bytes are storage I/O from /proc (page-cache hits are free), "
                  "sampled every 20 ms; max RSS is the kernel's exact figure for each child; peak "
