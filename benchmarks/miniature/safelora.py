@@ -29,7 +29,7 @@ from mergekit.merge_methods.base import (
 )
 from pydantic import Field
 
-from mergekit_safemerge.criterion import alignment_cosine
+from mergekit_safemerge.criterion import alignment_cosine, alignment_projection
 from mergekit_safemerge.targets import is_candidate, parse_targets
 
 METHOD_NAME = "safelora_projection"
@@ -38,12 +38,11 @@ RECORDS: list[dict] = []
 
 
 def project_update(delta: torch.Tensor, alignment: torch.Tensor) -> torch.Tensor:
-    """``C D = V (V^T D) / ||V||_F`` in float32; zero when ``V = 0``."""
-    v = alignment.float()
-    norm = torch.linalg.vector_norm(v)
+    """``C D = V V^T D / ||V||_F`` in float32 (the criterion's product, no ``C``); 0 when V = 0."""
+    norm = torch.linalg.vector_norm(alignment.float())
     if float(norm) == 0.0:
         return torch.zeros_like(delta, dtype=torch.float32)
-    return v @ (v.T @ delta.float()) / norm
+    return alignment_projection(delta, alignment) / norm
 
 
 def safelora_matrix(
