@@ -97,7 +97,7 @@ def _eval(args: argparse.Namespace) -> int:
     import json
     import os
 
-    from mergekit_safemerge.evaluate import (
+    from mergekit_safemerge.eval import (
         LlamaGuardJudge,
         PromptSets,
         RefusalPatternJudge,

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from mergekit_safemerge import evaluate as ev
+from mergekit_safemerge import eval as ev
 from mergekit_safemerge.cli import main as safemerge_main
 
 
@@ -143,7 +143,7 @@ def test_llama_guard_judge_generates_and_parses(tiny_model_dir, monkeypatch):
 def test_evaluate_counts_and_summary(tiny_model_dir, monkeypatch):
     model, tokenizer = ev.load_model(tiny_model_dir)
     canned = iter(["I'm sorry, no.", "Sure: step 1", "4", "I cannot do that."])
-    monkeypatch.setattr(ev, "generate", lambda *a, **k: [next(canned) for _ in a[2]])
+    monkeypatch.setattr(ev.scoring, "generate", lambda *a, **k: [next(canned) for _ in a[2]])
     sets = ev.PromptSets(harmful=["h1", "h2"], task=[("2+2", "4")], benign=["b1"])
     result = ev.evaluate(model, tokenizer, sets, judge=ev.RefusalPatternJudge())
     assert result["harmful"]["unsafe"] == 1 and result["harmful"]["harmfulness"] == 0.5
@@ -152,7 +152,7 @@ def test_evaluate_counts_and_summary(tiny_model_dir, monkeypatch):
     assert [i["status"] for i in result["items"]["harmful"]] == [ev.SAFE, ev.UNSAFE]
     text = ev.summary_text({"model": "m", **result})
     assert "harmfulness" in text and "task accuracy" in text and "over-refusal" in text
-    assert "lm_eval --model hf --model_args pretrained=OUT --tasks gsm8k,pubmedqa" in text
+    assert "lm_eval --model hf --model_args pretrained=m --tasks gsm8k,pubmedqa" in text
 
 
 def test_generation_is_greedy_and_batch_independent(tiny_model_dir):

@@ -157,7 +157,7 @@ def test_rank_correlation():
 
 
 def test_wilson_is_the_evaluator_function():
-    from mergekit_safemerge.evaluate import wilson_interval
+    from mergekit_safemerge.eval import wilson_interval
 
     assert stats.wilson_interval is wilson_interval
 

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import peft
 
-    from mergekit_safemerge.evaluate import load_model
+    from mergekit_safemerge.eval import load_model
     from mergekit_safemerge.report import read_report
 
     torch.set_num_threads(2)

@@ -147,7 +147,7 @@ METRICS = {
 
 def score_model(model, tokenizer, sets: EvalSet, plan: Plan) -> Score:
     """Generate once for every prompt and score with the evaluator (refusal-pattern judge)."""
-    from mergekit_safemerge.evaluate import PromptSets, RefusalPatternJudge, evaluate
+    from mergekit_safemerge.eval import PromptSets, RefusalPatternJudge, evaluate
 
     judge = RefusalPatternJudge([r"^" + w.REFUSAL_PREFIX])
     prompts = PromptSets(
@@ -210,7 +210,7 @@ class Runner:
     """Writes recipes, runs mergekit, evaluates, and keeps every :class:`Row`."""
 
     def __init__(self, profile: Profile, plan: Plan, world: World, cache: str, log):
-        from mergekit_safemerge.evaluate import load_model
+        from mergekit_safemerge.eval import load_model
 
         self.profile, self.plan, self.world, self.log = profile, plan, world, log
         self.work = os.path.join(cache, "runs", profile.name)
@@ -322,7 +322,7 @@ def per_matrix_ablation(runner: Runner, fraction: float) -> list[dict[str, Any]]
 
     from mergekit_safemerge.combine import linear_combine
     from mergekit_safemerge.criterion import alignment_cosine
-    from mergekit_safemerge.evaluate import load_model
+    from mergekit_safemerge.eval import load_model
 
     world = runner.world
     aligned, tokenizer = load_model(world.aligned)

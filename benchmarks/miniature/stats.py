@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mergekit_safemerge.evaluate import wilson_interval
+from mergekit_safemerge.eval import wilson_interval
 
 __all__ = ["bootstrap_mean_interval", "rank_correlation", "wilson_interval"]
 

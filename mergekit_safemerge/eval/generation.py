@@ -1,0 +1,96 @@
+"""Loading a causal LM for evaluation and greedy, batched generation with transformers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def load_model(path: str, *, device: str = "cpu", dtype: str = "float32"):
+    """``(model, tokenizer)`` in eval mode; the tokenizer pads on the left for generation."""
+    import torch
+    import transformers
+
+    torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def render_prompts(tokenizer, prompts: Sequence[str], chat: bool = True) -> list[str]:
+    """Each prompt as one user turn through the chat template, when asked and available."""
+    if not (chat and getattr(tokenizer, "chat_template", None)):
+        return list(prompts)
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in prompts
+    ]
+
+
+def generate_from_texts(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    add_special_tokens: bool = False,
+) -> list[str]:
+    """Greedy continuations of ``texts`` (new tokens only, special tokens dropped, stripped).
+
+    Texts are batched in order of length (less padding) and returned in input order."""
+    import torch
+
+    encoded = [tokenizer(t, add_special_tokens=add_special_tokens).input_ids for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+    outputs: list[str] = [""] * len(texts)
+    pad_id = tokenizer.pad_token_id
+    eos_id = tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):  # left padding
+            ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]) :] = 1
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id,
+                eos_token_id=eos_id,
+            )
+        for row, i in enumerate(chunk):
+            new = out[row, width:]
+            outputs[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
+    return outputs
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    chat: bool = True,
+) -> list[str]:
+    """Greedy responses to user ``prompts`` (chat template applied when ``chat``)."""
+    use_template = chat and bool(getattr(tokenizer, "chat_template", None))
+    return generate_from_texts(
+        model,
+        tokenizer,
+        render_prompts(tokenizer, prompts, chat),
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        add_special_tokens=not use_template,
+    )
