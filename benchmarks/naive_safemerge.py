@@ -19,7 +19,7 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
-from mergekit_safemerge.method import PARAMETERS
+from mergekit_safemerge.mergekit_method import PARAMETERS
 from mergekit_safemerge.targets import is_candidate, parse_targets
 
 NAME = "safemerge_naive"

@@ -15,16 +15,17 @@ AUTOLOAD_ENV = "MERGEKIT_SAFEMERGE_AUTOLOAD"
 
 
 def register() -> None:
-    """Register ``safemerge`` with mergekit now and hook ``run_merge`` for the report.
+    """Register ``safemerge`` with mergekit now, and wrap ``run_merge`` and ``mergekit-yaml``
+    (checks first, atomic output, report) now or when mergekit imports them.
 
     Idempotent. For programs that run with the automatic registration turned off
     (``MERGEKIT_SAFEMERGE_AUTOLOAD=0`` or ``python -S``) or that want it explicit.
     """
     from mergekit_safemerge import _autoload
-    from mergekit_safemerge.method import register_method
+    from mergekit_safemerge.registration import register_method
 
     register_method()
-    _autoload.hook_run_merge()
+    _autoload.hook_mergekit()
 
 
 __all__ = ["AUTOLOAD_ENV", "METHOD_NAME", "__version__", "register"]

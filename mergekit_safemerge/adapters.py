@@ -3,10 +3,15 @@
 A LoRA adapter changes a module's weight by ``D = s * B A`` with ``B`` (``out x r``, saved as
 ``lora_B``), ``A`` (``r x in``, ``lora_A``) and ``s = lora_alpha / r``, or
 ``lora_alpha / sqrt(r)`` with rsLoRA; ``alpha_pattern`` and ``rank_pattern`` override alpha and
-r per module as PEFT does. :class:`LoraAdapter` opens the adapter's safetensors file lazily
-(memory-mapped) and hands out one module's factors at a time. Features that are not a plain
-low-rank update of linear weights (DoRA, LoRA biases, ``modules_to_save``, embedding LoRA,
-``fan_in_fan_out``) are refused with a one-line error, so nothing is silently dropped.
+r per module as PEFT does. The configuration is parsed by PEFT itself (``LoraConfig``), the
+weights are opened lazily (memory-mapped safetensors) and handed out one module at a time.
+
+Every mismatch PEFT would refuse on loading is refused here before any tensor is read: a rank in
+the weights that is not the configured ``r`` (or ``rank_pattern``), a module outside
+``target_modules``, factors that do not multiply. Features that are not a plain low-rank update
+of linear weights (DoRA, LoRA biases, ``modules_to_save``, embedding LoRA, ``fan_in_fan_out``)
+are refused too, so nothing is silently dropped. An adapter may be a local folder or a Hub id
+(``org/name`` or ``org/name@revision``), resolved through huggingface_hub and its cache.
 """
 
 from __future__ import annotations
@@ -20,68 +25,137 @@ from dataclasses import dataclass
 import torch
 
 from mergekit_safemerge.errors import SafeMergeError
+from mergekit_safemerge.updates import LoraFactors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-_PREFIX = "base_model.model."
+KEY_PREFIX = "base_model.model."
+_FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+
+
+_open_adapters: dict[tuple[str, int], LoraAdapter] = {}
+_resolved: dict[str, AdapterSource] = {}
+_open_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
-class LoraFactors:
-    """``D = left @ right`` with ``left = s B`` (``out x r``) and ``right = A`` (``r x in``)."""
+class AdapterSource:
+    """Where an adapter comes from: what the user wrote, and the local folder it resolved to."""
 
-    left: torch.Tensor
-    right: torch.Tensor
+    spec: str
+    folder: str
 
-    @property
-    def rank(self) -> int:
-        return int(self.right.shape[0])
 
-    def delta(self) -> torch.Tensor:
-        """The dense update ``s B A`` (float32)."""
-        return self.left @ self.right
+def resolve_adapter(spec: str, *, where: str) -> AdapterSource:
+    """A local adapter folder, or a Hub id (``org/name[@revision]``) fetched into the Hub cache.
+
+    Only ``adapter_config.json`` and ``adapter_model.safetensors`` are fetched; with
+    ``HF_HUB_OFFLINE=1`` the cache alone is used. Errors are one line naming ``where``.
+    """
+    if os.path.isdir(spec):
+        return AdapterSource(spec, spec)
+    with _open_lock:
+        cached = _resolved.get(spec)
+    if cached is not None:
+        return cached
+    looks_local = spec.startswith(("/", "./", "../", "~")) or spec.count("/") != 1
+    if looks_local and "@" not in spec:
+        raise SafeMergeError(f"{where}: adapter folder {spec} not found")
+    repo_id, _, revision = spec.partition("@")
+    if repo_id.count("/") != 1:
+        raise SafeMergeError(
+            f"{where}: adapter {spec} is neither a folder nor a Hub id (org/name[@revision])"
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(
+            repo_id, revision=revision or None, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE]
+        )
+    except LocalEntryNotFoundError:
+        raise SafeMergeError(
+            f"{where}: no folder {spec}, and Hub adapter {repo_id} is not in the local Hub cache "
+            "(offline, or the Hub is unreachable)"
+        ) from None
+    except (HFValidationError, OSError, ValueError) as error:
+        message = " ".join(str(error).split())
+        raise SafeMergeError(f"{where}: cannot fetch Hub adapter {spec} ({message})") from None
+    source = AdapterSource(spec, folder)
+    with _open_lock:
+        _resolved[spec] = source
+    return source
+
+
+def _read_config(path: str):
+    """The adapter's ``LoraConfig``, parsed by PEFT; one-line errors for anything unreadable."""
+    config_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise SafeMergeError(f"adapter {path}: no {CONFIG_FILE} (not a PEFT adapter folder)")
+    try:
+        with open(config_path, encoding="utf-8") as fp:
+            raw = json.load(fp)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SafeMergeError(f"adapter {path}: {CONFIG_FILE} is not valid JSON ({error})") from None
+    if not isinstance(raw, dict):
+        raise SafeMergeError(f"adapter {path}: {CONFIG_FILE} is not a JSON object")
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise SafeMergeError(
+            f"adapter {path}: peft_type {raw.get('peft_type')!r} is not LORA; give this role as "
+            "model+adapter (--lora-merge-cache) instead"
+        )
+    from peft import LoraConfig
+
+    try:
+        config = LoraConfig.from_pretrained(path)
+    except Exception as error:  # PEFT raises TypeError/ValueError for bad fields
+        message = " ".join(str(error).split())
+        raise SafeMergeError(
+            f"adapter {path}: {CONFIG_FILE} is not a valid LoRA config ({message})"
+        ) from None
+    refuse = {
+        "use_dora": bool(config.use_dora),
+        "bias": config.bias != "none" or bool(getattr(config, "lora_bias", False)),
+        "modules_to_save": bool(config.modules_to_save),
+        "fan_in_fan_out": bool(config.fan_in_fan_out),
+        "trainable_token_indices": bool(getattr(config, "trainable_token_indices", None)),
+    }
+    for key, bad in refuse.items():
+        if bad:
+            raise SafeMergeError(
+                f"adapter {path}: {key}={getattr(config, key, None)!r} is not a plain low-rank "
+                "update; give this role as model+adapter (--lora-merge-cache) instead"
+            )
+    return config
 
 
 class LoraAdapter:
-    """One PEFT LoRA adapter folder, read lazily."""
+    """One PEFT LoRA adapter folder, read lazily; every module checked on opening (headers)."""
 
     def __init__(self, path: str):
         self.path = path
-        config_path = os.path.join(path, CONFIG_FILE)
+        self.config = _read_config(path)
         weights_path = os.path.join(path, WEIGHTS_FILE)
-        if not os.path.isfile(config_path):
-            raise SafeMergeError(f"adapter {path}: no {CONFIG_FILE} (not a PEFT adapter folder)")
         if not os.path.isfile(weights_path):
             raise SafeMergeError(
                 f"adapter {path}: no {WEIGHTS_FILE} (save the adapter with safetensors)"
             )
-        with open(config_path, encoding="utf-8") as fp:
-            self.config = json.load(fp)
-        self._check_config()
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        self._file = safe_open(weights_path, framework="pt")
-        self._modules = self._index(list(self._file.keys()))
+        try:
+            self._file = safe_open(weights_path, framework="pt")
+            keys = list(self._file.keys())
+        except (SafetensorError, OSError) as error:
+            raise SafeMergeError(
+                f"adapter {path}: {WEIGHTS_FILE} is not a readable safetensors file ({error})"
+            ) from None
+        self._shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self._modules = self._index(keys)
         self._lock = threading.Lock()
 
-    def _check_config(self) -> None:
-        config = self.config
-        refuse = {
-            "peft_type": config.get("peft_type", "LORA") != "LORA",
-            "use_dora": bool(config.get("use_dora")),
-            "bias": config.get("bias", "none") != "none" or bool(config.get("lora_bias")),
-            "modules_to_save": bool(config.get("modules_to_save")),
-            "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
-            "trainable_token_indices": bool(config.get("trainable_token_indices")),
-        }
-        for key, bad in refuse.items():
-            if bad:
-                raise SafeMergeError(
-                    f"adapter {self.path}: {key}={config.get(key)!r} is not a plain low-rank "
-                    "update; give this role as model+adapter (--lora-merge-cache) instead"
-                )
-
     def _index(self, keys: list[str]) -> set[str]:
+        from peft.tuners.tuners_utils import check_target_module_exists
+
         modules = set()
         for key in keys:
             if "lora_embedding" in key:
@@ -89,12 +163,35 @@ class LoraAdapter:
                     f"adapter {self.path}: embedding LoRA ({key}) is not supported as factors; "
                     "give this role as model+adapter (--lora-merge-cache) instead"
                 )
-            for suffix in (".lora_A.weight", ".lora_B.weight"):
-                if key.endswith(suffix):
-                    modules.add(key.removeprefix(_PREFIX).removesuffix(suffix))
-                    break
-            else:
+            suffix = next((s for s in _FACTOR_SUFFIXES if key.endswith(s)), None)
+            if suffix is None or not key.startswith(KEY_PREFIX):
                 raise SafeMergeError(f"adapter {self.path}: unexpected tensor {key}")
+            modules.add(key.removeprefix(KEY_PREFIX).removesuffix(suffix))
+        for module in sorted(modules):
+            down_key, up_key = (f"{KEY_PREFIX}{module}{s}" for s in _FACTOR_SUFFIXES)
+            if down_key not in keys or up_key not in keys:
+                raise SafeMergeError(
+                    f"adapter {self.path}: {module} has only one of lora_A and lora_B"
+                )
+            down = tuple(self._file.get_slice(down_key).get_shape())
+            up = tuple(self._file.get_slice(up_key).get_shape())
+            if len(down) != 2 or len(up) != 2 or up[1] != down[0]:
+                raise SafeMergeError(
+                    f"adapter {self.path}: {module} has lora_A {down} and lora_B {up}, "
+                    "which do not multiply"
+                )
+            configured = self.rank(module)
+            if down[0] != configured:
+                raise SafeMergeError(
+                    f"adapter {self.path}: {module} has rank {down[0]} in its weights but "
+                    f"{CONFIG_FILE} says r = {configured} (PEFT would refuse to load it)"
+                )
+            if not check_target_module_exists(self.config, module):
+                raise SafeMergeError(
+                    f"adapter {self.path}: {module} is not matched by target_modules "
+                    f"{self.config.target_modules!r} of {CONFIG_FILE}"
+                )
+            self._shapes[module] = (down, up)
         return modules
 
     @property
@@ -102,15 +199,25 @@ class LoraAdapter:
         """Module paths the adapter changes, e.g. ``model.layers.0.self_attn.q_proj``."""
         return frozenset(self._modules)
 
+    @property
+    def base_model(self) -> str | None:
+        """``base_model_name_or_path`` of the adapter's configuration (what it was trained on)."""
+        return self.config.base_model_name_or_path or None
+
+    def rank(self, module: str) -> int:
+        """The configured ``r`` of ``module`` (``rank_pattern`` over ``r``, as PEFT resolves it)."""
+        from peft.utils.other import get_pattern_key
+
+        pattern = self.config.rank_pattern or {}
+        return int(pattern.get(get_pattern_key(pattern.keys(), module), self.config.r))
+
     def scaling(self, module: str, rank: int) -> float:
         """``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), with PEFT's per-module patterns."""
         from peft.utils.other import get_pattern_key
 
-        alpha_pattern = self.config.get("alpha_pattern") or {}
-        alpha = alpha_pattern.get(
-            get_pattern_key(alpha_pattern.keys(), module), self.config["lora_alpha"]
-        )
-        if self.config.get("use_rslora"):
+        pattern = self.config.alpha_pattern or {}
+        alpha = pattern.get(get_pattern_key(pattern.keys(), module), self.config.lora_alpha)
+        if self.config.use_rslora:
             return alpha / math.sqrt(rank)
         return alpha / rank
 
@@ -122,33 +229,21 @@ class LoraAdapter:
         if module not in self._modules:
             return None
         with self._lock:
-            down = self._file.get_tensor(f"{_PREFIX}{module}.lora_A.weight")
-            up = self._file.get_tensor(f"{_PREFIX}{module}.lora_B.weight")
-        rank = down.shape[0]
-        if up.shape[1] != rank:
-            raise SafeMergeError(
-                f"adapter {self.path}: {module} has lora_A {tuple(down.shape)} and lora_B "
-                f"{tuple(up.shape)}, which do not multiply"
-            )
-        scale = self.scaling(module, rank)
-        return LoraFactors(left=up.to(torch.float32) * scale, right=down.to(torch.float32))
+            down = self._file.get_tensor(f"{KEY_PREFIX}{module}.lora_A.weight")
+            up = self._file.get_tensor(f"{KEY_PREFIX}{module}.lora_B.weight")
+        scale = self.scaling(module, int(down.shape[0]))
+        return LoraFactors(
+            left=up.to(torch.float32) * scale, right=down.to(torch.float32), scaling=scale
+        )
 
     def factor_shapes(self) -> dict[str, tuple[int, int]]:
         """``<module>.weight`` -> the ``(out, in)`` shape its update has (headers only)."""
-        shapes = {}
-        for module in self._modules:
-            up = self._file.get_slice(f"{_PREFIX}{module}.lora_B.weight").get_shape()
-            down = self._file.get_slice(f"{_PREFIX}{module}.lora_A.weight").get_shape()
-            shapes[f"{module}.weight"] = (up[0], down[1])
-        return shapes
-
-
-_open_adapters: dict[tuple[str, int], LoraAdapter] = {}
-_open_lock = threading.Lock()
+        return {f"{m}.weight": (up[0], down[1]) for m, (down, up) in self._shapes.items()}
 
 
 def open_adapter(path: str) -> LoraAdapter:
-    """The adapter at ``path``, opened once per process (and again if its weights change)."""
+    """The adapter in folder ``path``, opened once per process (and again if its weights
+    change)."""
     weights = os.path.join(path, WEIGHTS_FILE)
     # a retrained adapter at the same path is a new adapter
     key = (os.path.realpath(path), os.stat(weights).st_mtime_ns if os.path.exists(weights) else 0)
@@ -157,3 +252,19 @@ def open_adapter(path: str) -> LoraAdapter:
         if adapter is None:
             adapter = _open_adapters[key] = LoraAdapter(path)
         return adapter
+
+
+def check_update_shape(
+    tensor_name: str,
+    adapter: str,
+    role: str,
+    update_shape: tuple[int, int],
+    aligned: str,
+    aligned_shape: tuple[int, ...],
+) -> None:
+    """An adapter's update must have the shape of the aligned weight it changes."""
+    if tuple(update_shape) != tuple(aligned_shape):
+        raise SafeMergeError(
+            f"tensor {tensor_name}: adapter {adapter} ({role}) makes an update of shape "
+            f"{tuple(update_shape)}, but aligned model {aligned} has {tuple(aligned_shape)}"
+        )

@@ -1,242 +1,376 @@
-"""The ``safemerge`` console script: thin commands around the package's functions.
+"""The ``safemerge`` command: thin click commands around the package, with mergekit's habits.
 
-* ``safemerge scan CONFIG.yml``: rho of every candidate matrix and a threshold sweep, no model;
-* ``safemerge demo-models DIR``: write the four tiny demo models (offline);
-* ``safemerge report PATH``: print the summary of a ``safemerge_report.json``;
-* ``safemerge eval MODEL``: harmfulness, exact-match task accuracy and over-refusal of a model.
-
-Merging itself is done by the stock ``mergekit-yaml`` command.
+Merging itself is the stock ``mergekit-yaml`` command; ``safemerge`` adds what mergekit has no
+command for. Options that mean what they mean in mergekit are mergekit's own (same names, help
+and defaults: ``--cuda``, ``--device``, ``--lora-merge-cache``, ``--quiet``, ``-v``, ...).
+Every error a user can cause is one ``Error: ...`` line; ``-v`` shows library warnings and
+tracebacks.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import os
 import sys
+import warnings
+from collections.abc import Callable, Iterator
+
+import click
+
+from mergekit_safemerge import __version__
+from mergekit_safemerge.errors import SafeMergeError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-def _demo_models(args: argparse.Namespace) -> int:
-    from mergekit_safemerge.tiny_models import ARCHITECTURES, build_role_models
+def _mergekit_options(*names: str) -> Callable:
+    """mergekit's own ``add_merge_options``, keeping only the options named here; the command
+    receives ``merge_options`` (a ``MergeOptions``) as mergekit's commands do."""
 
-    if args.arch not in ARCHITECTURES:
-        raise SystemExit(f"safemerge: --arch must be one of {', '.join(ARCHITECTURES)}")
-    built = build_role_models(args.out_dir, args.arch, seed=args.seed, num_layers=args.layers)
-    for role, path in built.paths.items():
-        print(f"{role:<10} {path}")
-    return 0
+    def decorate(function: Callable) -> Callable:
+        from mergekit.options import add_merge_options
+
+        wrapped = add_merge_options(function)
+        keep = set(names)
+        wrapped.__click_params__ = [
+            p for p in getattr(wrapped, "__click_params__", []) if p.name in keep
+        ]
+        return wrapped
+
+    return decorate
 
 
-def _report(args: argparse.Namespace) -> int:
-    from mergekit_safemerge.report import read_report, terminal_summary
+def _command_class():
+    from mergekit.options import PrettyPrintHelp
 
+    return PrettyPrintHelp
+
+
+@contextlib.contextmanager
+def _library_noise(verbosity: int) -> Iterator[None]:
+    """Hide warnings and progress bars of libraries that a user cannot act on (``-v``: show)."""
+    if verbosity:
+        yield
+        return
+    import logging
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
+        yield
+
+
+@contextlib.contextmanager
+def _one_line_errors(command: str, verbosity: int = 0) -> Iterator[None]:
+    """SafeMergeError (and the OS errors a user causes) as ``Error: safemerge <command>: ...``."""
     try:
-        report = read_report(args.path)
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"safemerge: cannot read a report from {args.path}: {error}") from None
-    print(terminal_summary(report))
-    return 0
+        yield
+    except SafeMergeError as error:
+        if verbosity:
+            raise
+        raise click.ClickException(f"safemerge {command}: {error}") from None
+    except OSError as error:
+        if verbosity:
+            raise
+        from mergekit_safemerge.output import describe_os_error
+
+        target = error.filename or "the output"
+        raise click.ClickException(
+            f"safemerge {command}: {describe_os_error(error, str(target))}"
+        ) from None
 
 
-def _scan(args: argparse.Namespace) -> int:
-    import yaml
-    from mergekit.config import MergeConfiguration
-    from mergekit.options import MergeOptions
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "-V", "--version", prog_name="safemerge")
+def cli() -> None:
+    """SafeMERGE tools beside the stock `mergekit-yaml` merge: scan, report, eval, demo models.
 
-    from mergekit_safemerge import METHOD_NAME
-    from mergekit_safemerge.errors import SafeMergeError
-    from mergekit_safemerge.scan import (
+    \b
+    Merge:   mergekit-yaml my-safemerge.yml out/      (stock mergekit, method `safemerge`)
+    Inspect: safemerge scan my-safemerge.yml          (rho of every matrix, threshold sweep)
+             safemerge report out/                    (summary of a finished merge)
+    Score:   safemerge eval out/ --harmful h.txt --task t.jsonl
+    """
+
+
+# ---------------------------------------------------------------- scan
+@cli.command("scan", cls=_command_class(), context_settings=CONTEXT)
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.option(
+    "--out",
+    default="scan",
+    show_default=True,
+    help="Folder for scan.json, scan.csv and scan.png",
+)
+@_mergekit_options(
+    "lora_merge_cache", "lora_merge_dtype", "transformers_cache", "trust_remote_code", "cuda",
+    "device", "low_cpu_memory", "read_to_gpu", "lazy_unpickle", "num_threads", "quiet",
+    "verbosity",
+)  # fmt: skip
+def scan_command(merge_options, config_file: str, out: str) -> None:
+    """Measure rho of every candidate matrix and sweep the threshold, without merging.
+
+    Reads the same YAML as mergekit-yaml, loads tensors lazily as a merge does (a few tensors
+    in memory), prints a block x module table of rho and how many matrices each threshold
+    would merge, and writes scan.json, scan.csv and scan.png.
+
+    \b
+    Example:
+      safemerge scan recipes/llama-safemerge.yml --out scan/ --lora-merge-cache ~/.cache/lm
+    """
+    from mergekit_safemerge.output import OutputFolder
+    from mergekit_safemerge.registration import register_method
+    from mergekit_safemerge.scan.measure import measure_candidates, plain_targets
+    from mergekit_safemerge.scan.outputs import (
+        SCAN_FORMAT,
+        SCAN_JSON,
         build_scan,
-        measure_candidates,
-        plain_targets,
         terminal_sweep,
         terminal_table,
         write_scan,
     )
-    from mergekit_safemerge.validation import validate_config
+    from mergekit_safemerge.validation import read_config, validate_config
 
-    try:
-        with open(args.config, encoding="utf-8") as fp:
-            config = MergeConfiguration.model_validate(yaml.safe_load(fp))
-        if config.merge_method != METHOD_NAME:
-            raise SafeMergeError(
-                f"merge_method: scan reads a {METHOD_NAME} configuration, not "
-                f"{config.merge_method!r}"
-            )
-        options = MergeOptions(
-            device=args.device,
-            lora_merge_cache=args.lora_merge_cache,
-            lora_merge_dtype=args.lora_merge_dtype,
-            transformers_cache=args.transformers_cache,
-            trust_remote_code=args.trust_remote_code,
-            quiet=args.quiet,
+    merge_options.apply_global_options()
+    with _one_line_errors("scan", merge_options.verbosity), _library_noise(merge_options.verbosity):
+        register_method()
+        config, _text = read_config(config_file)
+        checked = validate_config(config, merge_options)
+        for warning in checked.warnings:
+            click.echo(f"Warning: safemerge: {warning}", err=True)
+        output = OutputFolder(
+            out,
+            manifest=SCAN_JSON,
+            manifest_format=SCAN_FORMAT,
+            patterns=("scan.*",),
+            inputs=checked.input_labels(),
+            what="scan folder",
         )
-        checked = validate_config(config, options)
-        settings = checked.report_settings(options, config.dtype)
-        records = measure_candidates(config, options, targets=plain_targets(settings))
-        models = checked.role_sources()
-        document = build_scan(records, settings, models)
-    except SafeMergeError as error:
-        raise SystemExit(f"safemerge scan: {error}") from None
-    except (OSError, ValueError) as error:  # unreadable YAML or config
-        message = " ".join(str(error).split())
-        raise SystemExit(f"safemerge scan: {args.config}: {message}") from None
-    paths = write_scan(document, args.out)
+        output.check()
+        settings = checked.report_settings(merge_options, config.dtype)
+        records = measure_candidates(config, merge_options, targets=plain_targets(settings))
+        document = build_scan(records, settings, checked.role_sources())
+        with output:
+            write_scan(document, output.staging)
+            output.publish()
     summary = document["summary"]
-    print(terminal_table(document))
-    print(
+    click.echo(terminal_table(document))
+    click.echo(
         f"select {settings['select']}, threshold {settings['threshold']}: merges "
         f"{summary['merged']} of {summary['changed']} changed matrices "
         f"({summary['candidates']} candidates)"
     )
-    print("\nthreshold sweep (merge when rho < tau):")
-    print(terminal_sweep(document))
-    print("\nwrote " + ", ".join(paths.values()))
-    return 0
+    click.echo("\nthreshold sweep (merge when rho < tau):")
+    click.echo(terminal_sweep(document))
+    written = ", ".join(os.path.join(out, name) for name in document["files"])
+    click.echo(f"\nwrote {written}")
 
 
-def _eval(args: argparse.Namespace) -> int:
-    import json
-    import os
+# ---------------------------------------------------------------- report
+@cli.command("report", context_settings=CONTEXT)
+@click.argument("path", type=click.Path())
+def report_command(path: str) -> None:
+    """Print the summary of a finished SafeMERGE merge (or of a scan).
 
-    from mergekit_safemerge.eval import (
-        LlamaGuardJudge,
-        PromptSets,
-        RefusalPatternJudge,
-        evaluate,
-        load_model,
-        read_records,
-        read_task,
-        summary_text,
-    )
+    PATH is the merged model's folder or its safemerge_report.json.
 
-    if not (args.harmful or args.task or args.benign):
-        raise SystemExit("safemerge eval: give at least one of --harmful, --task, --benign")
-    try:
-        sets = PromptSets(
-            harmful=[r["prompt"] for r in read_records(args.harmful)][: args.limit]
-            if args.harmful
-            else [],
-            task=read_task(args.task)[: args.limit] if args.task else [],
-            benign=[r["prompt"] for r in read_records(args.benign)][: args.limit]
-            if args.benign
-            else [],
+    \b
+    Example:
+      safemerge report out/
+    """
+    from mergekit_safemerge.report import read_report, terminal_summary
+
+    with _one_line_errors("report"):
+        document = read_report(path)
+    click.echo(terminal_summary(document))
+
+
+# ---------------------------------------------------------------- demo-models
+@cli.command("demo-models", cls=_command_class(), context_settings=CONTEXT)
+@click.argument("out_dir", type=click.Path())
+@click.option(
+    "--arch",
+    type=click.Choice(["llama", "qwen2", "gemma2"]),
+    default="llama",
+    show_default=True,
+    help="Architecture of the tiny models",
+)
+@click.option(
+    "--layers",
+    type=click.IntRange(min=1, max=64),
+    default=4,
+    show_default=True,
+    help="Transformer blocks",
+)
+@click.option(
+    "--random-seed", type=int, default=0, show_default=True, help="Seed of every random weight"
+)
+def demo_models_command(out_dir: str, arch: str, layers: int, random_seed: int) -> None:
+    """Write four tiny models (unaligned, aligned, finetuned, safety) to OUT_DIR, offline.
+
+    Random tiny models of a real architecture, with updates built so that rho spreads over
+    [0, 1]: enough to try a recipe end to end in seconds (recipes/demo-safemerge.yml).
+
+    \b
+    Example:
+      safemerge demo-models .demo/models && mergekit-yaml recipes/demo-safemerge.yml out/demo
+    """
+    from mergekit_safemerge.output import MODEL_OUTPUT_PATTERNS, OutputFolder, write_json_atomic
+    from mergekit_safemerge.testing.tiny_models import ROLE_FOLDERS, build_role_models
+
+    manifest = "demo_models.json"
+    with _one_line_errors("demo-models"), _library_noise(0):
+        output = OutputFolder(
+            out_dir,
+            manifest=manifest,
+            manifest_format="safemerge-demo-models",
+            patterns=(*MODEL_OUTPUT_PATTERNS, manifest),
+            what="folder",
         )
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"safemerge eval: {error}") from None
-    refusal = RefusalPatternJudge(args.refusal_pattern) if args.refusal_pattern else None
-    if args.judge == "llama-guard":
-        if not args.guard_model:
-            raise SystemExit("safemerge eval: --judge llama-guard needs --guard-model ID_OR_DIR")
-        judge = LlamaGuardJudge(
-            args.guard_model,
-            device=args.device,
-            dtype=args.guard_dtype,
-            batch_size=args.batch_size,
-            prompt_format=args.guard_prompt,
-        )
-    else:
-        judge = refusal or RefusalPatternJudge()
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    result = evaluate(
-        model,
-        tokenizer,
-        sets,
-        judge=judge,
-        refusal=refusal,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        chat=not args.no_chat_template,
-    )
-    result = {"model": args.model, **result}
-    result["settings"] = {
-        "max_new_tokens": args.max_new_tokens,
-        "batch_size": args.batch_size,
-        "chat_template": not args.no_chat_template,
-        "dtype": args.dtype,
-        "judge": args.judge,
-        "guard_model": args.guard_model,
-        "refusal_patterns": list((refusal or RefusalPatternJudge()).patterns),
-    }
-    folder = args.model if os.path.isdir(args.model) else "."
-    out = args.out or os.path.join(folder, "safemerge_eval.json")
-    with open(out, "w", encoding="utf-8") as fp:
-        json.dump(result, fp, indent=1)
-    print(summary_text(result))
-    print(f"wrote {out}")
-    return 0
+        output.check()
+        with output:
+            build_role_models(output.staging, arch, seed=random_seed, num_layers=layers)
+            files = sorted({*output.staged_files(), manifest})
+            document = {
+                "format": "safemerge-demo-models",
+                "arch": arch,
+                "layers": layers,
+                "random_seed": random_seed,
+                "files": files,
+            }
+            write_json_atomic(os.path.join(output.staging, manifest), document)
+            output.publish()
+    for role in ROLE_FOLDERS:
+        click.echo(f"{role:<10} {os.path.join(out_dir, role)}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="safemerge", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+# ---------------------------------------------------------------- eval
+def _prompts(path: str | None, limit: int | None, *, task: bool = False) -> list:
+    from mergekit_safemerge.eval import read_records, read_task
 
-    scan = commands.add_parser(
-        "scan", help="rho of every candidate matrix and a threshold sweep, without merging"
-    )
-    scan.add_argument("config", help="the safemerge YAML the merge would use")
-    scan.add_argument("--out", default="scan", help="folder for scan.json/csv/png (default scan)")
-    scan.add_argument("--device", default="cpu", help="cpu, cuda, auto ... (default cpu)")
-    scan.add_argument("--lora-merge-cache", default=None, help="as for mergekit-yaml")
-    scan.add_argument("--lora-merge-dtype", default=None, help="as for mergekit-yaml")
-    scan.add_argument("--transformers-cache", default=None, help="as for mergekit-yaml")
-    scan.add_argument("--trust-remote-code", action="store_true")
-    scan.add_argument("--quiet", action="store_true", help="no progress bar")
-    scan.set_defaults(run=_scan)
+    if not path:
+        return []
+    items = read_task(path) if task else [r["prompt"] for r in read_records(path)]
+    if not items:
+        raise SafeMergeError(f"{path}: no prompts in the file (it is empty or blank)")
+    return items[:limit]
 
-    demo = commands.add_parser("demo-models", help="write the four tiny demo models to a folder")
-    demo.add_argument("out_dir")
-    demo.add_argument("--arch", default="llama", help="llama, qwen2 or gemma2 (default llama)")
-    demo.add_argument("--layers", type=int, default=4, help="transformer blocks (default 4)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(run=_demo_models)
 
-    report = commands.add_parser("report", help="print the summary of a SafeMERGE report")
-    report.add_argument("path", help="merged model folder or safemerge_report.json")
-    report.set_defaults(run=_report)
+@cli.command("eval", cls=_command_class(), context_settings=CONTEXT)
+@click.argument("model")
+@click.option(
+    "--harmful",
+    type=click.Path(dir_okay=False),
+    help='Harmful requests: JSONL with "prompt", or one a line',
+)
+@click.option(
+    "--task",
+    type=click.Path(dir_okay=False),
+    help='Task prompts: JSONL of {"prompt", "answer"} (exact match)',
+)
+@click.option(
+    "--benign",
+    type=click.Path(dir_okay=False),
+    help="Benign requests for over-refusal: JSONL or one a line",
+)
+@click.option(
+    "--judge",
+    type=click.Choice(["refusal-pattern", "llama-guard"]),
+    default="refusal-pattern",
+    show_default=True,
+    help="How responses to harmful requests are judged",
+)
+@click.option("--guard-model", help="Llama-Guard-3 Hub id or folder (--judge llama-guard)")
+@click.option(
+    "--guard-prompt",
+    type=click.Choice(["auto", "chat-template", "builtin"]),
+    default="auto",
+    show_default=True,
+    help="Guard prompt: the guard tokenizer's chat template when it has one (auto), or ours",
+)
+@click.option(
+    "--guard-dtype", default="bfloat16", show_default=True, help="dtype of the guard model"
+)
+@click.option(
+    "--refusal-pattern",
+    multiple=True,
+    help="Refusal regex, repeatable  [default: common English refusal openings]",
+)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Tokens generated per response",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Prompts per generation batch",
+)
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=None, help="Only the first N prompts of each set"
+)
+@click.option("--dtype", default="float32", show_default=True, help="dtype of the evaluated model")
+@click.option(
+    "--no-chat-template", is_flag=True, help="Feed prompts raw, without the chat template"
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    help="Result JSON  [default: MODEL/safemerge_eval.json, or ./ for a Hub id]",
+)
+@_mergekit_options("cuda", "device", "trust_remote_code", "quiet", "verbosity")
+def eval_command(merge_options, model: str, **options) -> None:  # noqa: PLR0913
+    """Score MODEL: harmfulness, exact-match task accuracy and over-refusal, with 95% intervals.
 
-    ev = commands.add_parser(
-        "eval", help="harmfulness, exact-match task accuracy and over-refusal of a model folder"
-    )
-    ev.add_argument("model", help="model folder (e.g. a merge output) or hub id")
-    ev.add_argument("--harmful", help='harmful requests: JSONL with "prompt", or one a line')
-    ev.add_argument("--task", help='task prompts: JSONL of {"prompt", "answer"} (exact match)')
-    ev.add_argument("--benign", help="benign requests for over-refusal: JSONL or one a line")
-    ev.add_argument(
-        "--judge",
-        choices=("refusal-pattern", "llama-guard"),
-        default="refusal-pattern",
-        help="how harmful responses are judged (default refusal-pattern)",
-    )
-    ev.add_argument("--guard-model", help="Llama-Guard-3 hub id or folder (--judge llama-guard)")
-    ev.add_argument(
-        "--guard-prompt",
-        choices=("builtin", "chat-template"),
-        default="builtin",
-        help="Llama Guard prompt: built here, or the guard tokenizer's chat template",
-    )
-    ev.add_argument("--guard-dtype", default="bfloat16", help="dtype of the guard model")
-    ev.add_argument(
-        "--refusal-pattern",
-        action="append",
-        help="refusal regex (repeat for several; default: common English refusal openings)",
-    )
-    ev.add_argument("--max-new-tokens", type=int, default=64)
-    ev.add_argument("--batch-size", type=int, default=16)
-    ev.add_argument("--limit", type=int, default=None, help="first N prompts of each set")
-    ev.add_argument("--device", default="cpu")
-    ev.add_argument("--dtype", default="float32", help="dtype of the evaluated model")
-    ev.add_argument(
-        "--no-chat-template", action="store_true", help="feed prompts raw, without the template"
-    )
-    ev.add_argument(
-        "--out", help="result JSON (default MODEL/safemerge_eval.json, or ./ for a hub id)"
-    )
-    ev.set_defaults(run=_eval)
-    return parser
+    MODEL is a folder (e.g. a merge output) or a Hub id. Responses are greedy; harmful ones are
+    judged by a refusal pattern or by a Llama Guard model.
+
+    \b
+    Example:
+      safemerge eval out/ --harmful harmful.txt --task gsm8k-lite.jsonl --benign benign.txt
+    """
+    from mergekit_safemerge.eval.cli import run_eval
+
+    merge_options.apply_global_options()
+    with _one_line_errors("eval", merge_options.verbosity), _library_noise(merge_options.verbosity):
+        harmful = _prompts(options["harmful"], options["limit"])
+        task = _prompts(options["task"], options["limit"], task=True)
+        benign = _prompts(options["benign"], options["limit"])
+        if not (harmful or task or benign):
+            raise SafeMergeError("give at least one of --harmful, --task, --benign")
+        run_eval(model, harmful, task, benign, merge_options, options)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args)
+    """Console entry point; returns the exit status (click's, for ``--help`` and errors)."""
+    try:
+        cli.main(args=argv, prog_name="safemerge", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        return done.exit_code
+    except click.ClickException as error:
+        error.show()
+        return error.exit_code
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        return 1
+    except BrokenPipeError:  # `safemerge report out/ | head`
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    return 0
 
 
 if __name__ == "__main__":

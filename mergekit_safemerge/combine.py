@@ -1,36 +1,54 @@
 """Merge rules for one selected matrix, on the updates ``D`` (fine-tune) and ``S`` (safety).
 
-All rules return ``W = W_aligned + mix(D, S)`` in float32; the caller casts to the model dtype.
-Unselected matrices never reach this module, so they are never sparsified. The sparsification
-and sign-consensus steps are mergekit's own (:mod:`mergekit.sparsify` and ``get_mask`` from
-``generalized_task_arithmetic``), applied to ``D`` and ``S`` only.
+Every rule returns ``W = W_aligned + mix(D, S)`` in float32; the caller casts to the model dtype.
+Unselected matrices never reach this module, so they are never sparsified. ``D`` and ``S`` are
+dense tensors or :class:`~mergekit_safemerge.updates.LoraFactors`; :data:`COMBINE_RULES` maps
+each rule name users write in ``combine:`` to its function. The sparsification and
+sign-consensus steps are mergekit's own (:mod:`mergekit.sparsify`, ``get_mask``), imported when
+a rule that needs them runs, so importing this module imports no mergekit.
 """
 
 from __future__ import annotations
 
 import hashlib
-from enum import Enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
-from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify
 
-WORK_DTYPE = torch.float32
+from mergekit_safemerge.updates import WORK_DTYPE, LoraFactors, Update, dense
+
+CombineName = Literal["linear", "dare_linear", "ties", "authors_linear"]
+COMBINE_NAMES: tuple[str, ...] = get_args(CombineName)
 
 
-class CombineRule(str, Enum):
-    linear = "linear"
-    dare_linear = "dare_linear"
-    ties = "ties"
+@dataclass(frozen=True)
+class CombineSettings:
+    """The values a rule may use: ``a`` (safety weight), DARE/TIES density, a per-tensor seed."""
+
+    safety_weight: float
+    density: float = 1.0
+    seed: int = 0
+
+
+def _add(target: torch.Tensor, update: Update, weight: float) -> torch.Tensor:
+    """``target += weight * update`` in place (a factored update as one ``addmm``)."""
+    if weight == 0.0:
+        return target
+    if isinstance(update, LoraFactors):
+        return target.addmm_(update.left.to(WORK_DTYPE), update.right.to(WORK_DTYPE), alpha=weight)
+    return target.add_(update.to(WORK_DTYPE), alpha=weight)
 
 
 def linear_combine(
-    aligned: torch.Tensor, delta: torch.Tensor, safety_delta: torch.Tensor, safety_weight: float
+    aligned: torch.Tensor, delta: Update, safety_delta: Update, safety_weight: float
 ) -> torch.Tensor:
     """The paper's rule: ``W = W_aligned + (1 - a) D + a S`` (all ``out x in``)."""
     a = float(safety_weight)
-    return (
-        aligned.to(WORK_DTYPE) + (1.0 - a) * delta.to(WORK_DTYPE) + a * safety_delta.to(WORK_DTYPE)
-    )
+    merged = aligned.to(WORK_DTYPE, copy=True)
+    _add(merged, delta, 1.0 - a)
+    return _add(merged, safety_delta, a)
 
 
 def tensor_seed(base_seed: int, tensor_name: str) -> int:
@@ -44,8 +62,8 @@ def tensor_seed(base_seed: int, tensor_name: str) -> int:
 
 def dare_linear_combine(
     aligned: torch.Tensor,
-    delta: torch.Tensor,
-    safety_delta: torch.Tensor,
+    delta: Update,
+    safety_delta: Update,
     safety_weight: float,
     density: float,
     seed: int,
@@ -57,27 +75,27 @@ def dare_linear_combine(
     global torch generator seeded with ``seed`` inside a forked RNG state, so the caller's
     random stream is left untouched.
     """
+    from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify
+
+    def dare(update: torch.Tensor) -> torch.Tensor:
+        return sparsify(
+            update, density=density, method=SparsificationMethod.random, rescale_norm=RescaleNorm.l1
+        )
+
     a = float(safety_weight)
-    d = delta.to(WORK_DTYPE)
-    s = safety_delta.to(WORK_DTYPE)
+    d, s = dense(delta), dense(safety_delta)
     devices = [d.device] if d.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        d = _dare(d, density)
-        s = _dare(s, density)
-    return aligned.to(WORK_DTYPE) + (1.0 - a) * d + a * s
-
-
-def _dare(update: torch.Tensor, density: float) -> torch.Tensor:
-    return sparsify(
-        update, density=density, method=SparsificationMethod.random, rescale_norm=RescaleNorm.l1
-    )
+        d = dare(d)
+        s = dare(s)
+    return linear_combine(aligned, d, s, a)
 
 
 def ties_combine(
     aligned: torch.Tensor,
-    delta: torch.Tensor,
-    safety_delta: torch.Tensor,
+    delta: Update,
+    safety_delta: Update,
     safety_weight: float,
     density: float,
 ) -> torch.Tensor:
@@ -88,14 +106,13 @@ def ties_combine(
     disagree with it are dropped (mask ``m_k``); then, entry-wise,
     ``W = W_aligned + sum_k w_k m_k X'_k / sum_k w_k m_k`` (0 where no update survives).
     """
-    # Imported here, not at the top: importing mergekit.merge_methods fires SafeMERGE's
-    # registration hook, which imports mergekit_safemerge.method and with it this module.
     from mergekit.merge_methods.generalized_task_arithmetic import get_mask
+    from mergekit.sparsify import SparsificationMethod, sparsify
 
     a = float(safety_weight)
     updates = torch.stack(
         [
-            sparsify(x.to(WORK_DTYPE), density=density, method=SparsificationMethod.magnitude)
+            sparsify(dense(x), density=density, method=SparsificationMethod.magnitude)
             for x in (delta, safety_delta)
         ]
     )
@@ -106,3 +123,57 @@ def ties_combine(
     divisor = (weights * mask).sum(dim=0)
     divisor[divisor == 0] = 1.0
     return aligned.to(WORK_DTYPE) + (weighted * mask).sum(dim=0) / divisor
+
+
+def authors_linear_factors(
+    delta: LoraFactors, safety_delta: LoraFactors, safety_weight: float
+) -> LoraFactors:
+    """The authors' script on a merged module: PEFT's factor-wise ``linear`` combination.
+
+    With weights ``w = (1 - a, a)`` and scalings ``s_k``, PEFT's ``add_weighted_adapter(...,
+    combination_type="linear")`` builds ``A = sum_k sqrt(w_k s_k) A_k`` and
+    ``B = sum_k sqrt(w_k s_k) B_k`` (both adapters of one rank ``r``), and the new adapter has
+    scaling 1, so the update is ``B A``: the paper's ``(1 - a) D + a S`` plus the cross terms
+    ``sqrt(w_f s_f w_s s_s) (B_f A_s + B_s A_f)``. In terms of our factors (``left = s B``,
+    ``right = A``): ``B = sum_k sqrt(w_k / s_k) left_k``, ``A = sum_k sqrt(w_k s_k) right_k``.
+    An adapter that does not touch the module (rank 0) adds nothing to either sum.
+    """
+    pairs = ((1.0 - float(safety_weight), delta), (float(safety_weight), safety_delta))
+    weighted = [(w, f) for w, f in pairs if f.rank > 0]
+    ranks = {f.rank for _, f in weighted}
+    if len(ranks) > 1:
+        raise ValueError(
+            f"authors_linear needs adapters of one rank (PEFT's linear combination); got "
+            f"{delta.rank} and {safety_delta.rank}"
+        )
+    if not weighted:
+        return LoraFactors(delta.left[:, :0], delta.right[:0], scaling=1.0)
+    left = sum((w / f.scaling) ** 0.5 * f.left.to(WORK_DTYPE) for w, f in weighted)
+    right = sum((w * f.scaling) ** 0.5 * f.right.to(WORK_DTYPE) for w, f in weighted)
+    return LoraFactors(left, right, scaling=1.0)
+
+
+def authors_linear_combine(
+    aligned: torch.Tensor, delta: Update, safety_delta: Update, safety_weight: float
+) -> torch.Tensor:
+    """``W = W_aligned + B A`` with ``B A`` from :func:`authors_linear_factors`."""
+    if not (isinstance(delta, LoraFactors) and isinstance(safety_delta, LoraFactors)):
+        raise ValueError("authors_linear needs both updates as LoRA factors")
+    merged = aligned.to(WORK_DTYPE, copy=True)
+    return _add(merged, authors_linear_factors(delta, safety_delta, safety_weight), 1.0)
+
+
+CombineRule = Callable[[torch.Tensor, Update, Update, CombineSettings], torch.Tensor]
+
+COMBINE_RULES: dict[str, CombineRule] = {
+    "linear": lambda w, d, s, c: linear_combine(w, d, s, c.safety_weight),
+    "dare_linear": lambda w, d, s, c: dare_linear_combine(
+        w, d, s, c.safety_weight, c.density, c.seed
+    ),
+    "ties": lambda w, d, s, c: ties_combine(w, d, s, c.safety_weight, c.density),
+    "authors_linear": lambda w, d, s, c: authors_linear_combine(w, d, s, c.safety_weight),
+}
+"""``combine:`` name -> ``rule(W_aligned, D, S, settings) -> W`` (float32)."""
+
+NEEDS_FACTORS = frozenset({"authors_linear"})
+"""Rules defined only when both ``D`` and ``S`` are given as LoRA factors."""

@@ -25,7 +25,9 @@ reduces to ``r x r`` Gram matrices (``M = V^T L``, ``G = R R^T``):
 
 for ``O(out * in * r)``. A dense ``D`` that is low rank (a merged LoRA) is detected with a
 randomized range finder and an explicit residual check, so the result stays exact to
-floating-point tolerance; anything else takes the dense route.
+floating-point tolerance; anything else takes the dense route. The detection is only tried
+where it can succeed (:func:`may_be_exactly_low_rank`): an update recovered from 16-bit weights
+carries rounding noise far above the residual tolerance, so it always takes the dense route.
 """
 
 from __future__ import annotations
@@ -34,8 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-WORK_DTYPE = torch.float32
-"""Every criterion figure is computed in float32, whatever the dtype of the inputs."""
+from mergekit_safemerge.updates import WORK_DTYPE, LoraFactors, Update
 
 
 def alignment_projection(delta: torch.Tensor, alignment: torch.Tensor) -> torch.Tensor:
@@ -74,7 +75,13 @@ def _cosine_from_squares(
     return float((inner / (projected_norm * delta_norm)).clamp(0.0, 1.0))
 
 
-def dense_alignment_cosine(delta: torch.Tensor, alignment: torch.Tensor) -> float:
+def dense_alignment_cosine(
+    delta: torch.Tensor,
+    alignment: torch.Tensor,
+    *,
+    delta_sq: torch.Tensor | None = None,
+    alignment_sq: torch.Tensor | None = None,
+) -> float:
     """``rho = cos(C D, D)`` for ``D`` = ``delta`` and ``V`` = ``alignment`` (both ``out x in``).
 
     Exact in float32 without forming ``C``. Conventions for the degenerate cases: ``V = 0``,
@@ -82,15 +89,18 @@ def dense_alignment_cosine(delta: torch.Tensor, alignment: torch.Tensor) -> floa
     ``||V V^T D||_F <= eps32 (sqrt(out) + sqrt(in)) ||V||_F^2 ||D||_F``, the size of float32
     rounding (below it the direction of ``C D`` is noise). The result is clamped to ``[0, 1]``,
     the range of the exact value (``<C D, D>_F = ||V^T D||_F^2 / ||V||_F >= 0``).
+    ``delta_sq`` / ``alignment_sq`` (``||D||_F^2``, ``||V||_F^2``) save a pass when known.
     """
     d = delta.to(WORK_DTYPE)
     projected = alignment_projection(d, alignment)
+    if delta_sq is None:
+        delta_sq = torch.vdot(d.reshape(-1), d.reshape(-1))
+    if alignment_sq is None:
+        v = alignment.to(WORK_DTYPE).reshape(-1)
+        alignment_sq = torch.vdot(v, v)
+    flat = projected.reshape(-1)
     return _cosine_from_squares(
-        torch.vdot(projected.flatten(), d.flatten()),
-        torch.linalg.vector_norm(projected) ** 2,
-        torch.linalg.vector_norm(d) ** 2,
-        torch.linalg.vector_norm(alignment.to(WORK_DTYPE)) ** 2,
-        d.shape,
+        torch.vdot(flat, d.reshape(-1)), torch.vdot(flat, flat), delta_sq, alignment_sq, d.shape
     )
 
 
@@ -193,16 +203,50 @@ class Criterion:
         return self.path if self.rank is None else f"{self.path} (rank <= {self.rank})"
 
 
-def alignment_criterion(delta: torch.Tensor, alignment: torch.Tensor) -> Criterion:
-    """``rho`` through the low-rank path when ``D`` is low rank, else the dense path."""
+_SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+
+
+def may_be_exactly_low_rank(finetuned: torch.Tensor, samples: int = 1024) -> bool:
+    """False when ``D = W_ft - W_al`` cannot pass the low-rank residual check.
+
+    Weights held in a 16-bit dtype, or float32 values that are all bfloat16 numbers (a sample
+    of ``samples`` entries with zero low 16 bits), round every entry of ``W_ft`` to a relative
+    precision ``u`` (``2^-8`` for bfloat16, ``2^-11`` for float16), so ``D`` carries full-rank
+    noise of about ``u ||W_ft||_F / 2``, far above ``LOW_RANK_TOLERANCE * ||D||_F`` for any
+    update smaller than the weight itself. Only float32-precision weights try the detection.
+    """
+    if finetuned.dtype in _SIXTEEN_BIT:
+        return False
+    if finetuned.dtype != torch.float32 or finetuned.numel() == 0:
+        return True
+    flat = finetuned.reshape(-1)
+    step = max(1, flat.numel() // samples)
+    sample = flat[::step].contiguous().view(torch.int32)
+    return bool(torch.any(sample & 0xFFFF))
+
+
+def alignment_criterion(
+    delta: Update,
+    alignment: torch.Tensor,
+    *,
+    detect_low_rank: bool = True,
+    delta_sq: torch.Tensor | None = None,
+    alignment_sq: torch.Tensor | None = None,
+) -> Criterion:
+    """``rho`` by the cheapest exact route: factored for LoRA factors; for a dense ``D`` the
+    low-rank route when ``detect_low_rank`` and the detection succeeds, else the dense route."""
+    if isinstance(delta, LoraFactors):
+        rho = factored_alignment_cosine(delta.left, delta.right, alignment)
+        return Criterion(rho, "factored", delta.rank)
     if delta.ndim != 2 or delta.shape != alignment.shape:
         raise ValueError(
             f"the criterion needs two matrices of one shape; got {tuple(delta.shape)} "
             f"and {tuple(alignment.shape)}"
         )
-    factors = low_rank_factors(delta)
+    factors = low_rank_factors(delta) if detect_low_rank else None
     if factors is None:
-        return Criterion(dense_alignment_cosine(delta, alignment), "dense")
+        rho = dense_alignment_cosine(delta, alignment, delta_sq=delta_sq, alignment_sq=alignment_sq)
+        return Criterion(rho, "dense")
     left, right = factors
     return Criterion(factored_alignment_cosine(left, right, alignment), "low-rank", left.shape[1])
 
@@ -210,21 +254,3 @@ def alignment_criterion(delta: torch.Tensor, alignment: torch.Tensor) -> Criteri
 def alignment_cosine(delta: torch.Tensor, alignment: torch.Tensor) -> float:
     """``rho = cos(C D, D)`` by the cheapest exact route (see :func:`alignment_criterion`)."""
     return alignment_criterion(delta, alignment).rho
-
-
-def frobenius_norm(matrix: torch.Tensor) -> float:
-    """``||X||_F`` in float32."""
-    return float(torch.linalg.vector_norm(matrix.to(WORK_DTYPE)))
-
-
-def update_cosine(first: torch.Tensor, second: torch.Tensor) -> float:
-    """``cos(X, Y) = <X, Y>_F / (||X||_F ||Y||_F)`` in float32; 0 when either is zero.
-
-    Used for the report's ``cos(D, S)``: does the safety update point along the fine-tune?
-    """
-    x = first.to(WORK_DTYPE)
-    y = second.to(WORK_DTYPE)
-    denominator = torch.linalg.vector_norm(x) * torch.linalg.vector_norm(y)
-    if not denominator > 0:
-        return 0.0
-    return float(torch.sum(x * y) / denominator)

@@ -1,8 +1,9 @@
-"""Per-matrix records, the ``safemerge_report.json`` file, the model-card section and the summary.
+"""The ``safemerge_report.json`` document, the model-card section and the terminal summary.
 
-A merge collects one :class:`MatrixRecord` per candidate matrix while mergekit executes it (in
-:class:`mergekit_safemerge.session.MergeSession`); the ``run_merge`` integration writes the
-report from them after the merge.
+A merge collects one :class:`~mergekit_safemerge.records.MatrixRecord` per candidate matrix
+while mergekit executes it (:mod:`.session`); the run integration (:mod:`.run`) builds the
+report from them. Version 2 adds every value applied per matrix (threshold, safety_weight,
+combine, density, select), the run's warnings, and ``files``: what the run published.
 """
 
 from __future__ import annotations
@@ -10,63 +11,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
 from typing import Any
 
+from mergekit_safemerge.errors import SafeMergeError
+from mergekit_safemerge.records import MERGED, MatrixRecord, sort_records
+
 REPORT_FILENAME = "safemerge_report.json"
-REPORT_VERSION = 1
-
-MERGED = "merged"
-KEPT = "kept"
-
-_BLOCK_PATTERN = re.compile(r"\.(\d+)\.")
-
-
-@dataclass(frozen=True)
-class MatrixRecord:
-    """What SafeMERGE measured and decided for one candidate matrix."""
-
-    name: str
-    shape: tuple[int, int]
-    rho: float | None  # None when D = 0 (no criterion is computed)
-    threshold: float
-    decision: str  # MERGED or KEPT
-    reason: str
-    delta_norm: float  # ||D||_F, D = W_finetuned - W_aligned
-    safety_norm: float  # ||S||_F, S = W_safety - W_aligned
-    alignment_norm: float  # ||V||_F, V = W_aligned - W_unaligned
-    delta_safety_cosine: float  # cos(D, S)
-    criterion: str = "dense"  # how rho was computed: dense, low-rank (rank <= r), factored
-
-    @property
-    def module(self) -> str:
-        """The module type, e.g. ``q_proj`` for ``model.layers.3.self_attn.q_proj.weight``."""
-        parts = self.name.split(".")
-        if len(parts) >= 2 and parts[-1] in ("weight", "bias"):
-            return parts[-2]
-        return parts[-1]
-
-    @property
-    def block(self) -> int | None:
-        """The index of the transformer block, when the name has one."""
-        match = _BLOCK_PATTERN.search(self.name)
-        return int(match.group(1)) if match else None
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["shape"] = list(self.shape)
-        data["module"] = self.module
-        data["block"] = self.block
-        return data
-
-
-def sort_records(records: Iterable[MatrixRecord]) -> list[MatrixRecord]:
-    """Order by block, then name, so reports read top to bottom like the model."""
-    return sorted(records, key=lambda r: (r.block if r.block is not None else -1, r.name))
+REPORT_FORMAT = "safemerge-report"
+REPORT_VERSION = 2
 
 
 def summarize(records: Sequence[MatrixRecord]) -> dict[str, Any]:
@@ -98,7 +53,7 @@ def build_report(
     """The JSON document: settings, the model of each role, summary, one entry per candidate."""
     ordered = sort_records(records)
     return {
-        "format": "safemerge-report",
+        "format": REPORT_FORMAT,
         "version": REPORT_VERSION,
         "method": "safemerge",
         "settings": settings,
@@ -106,14 +61,6 @@ def build_report(
         "summary": summarize(ordered),
         "matrices": [r.to_json() for r in ordered],
     }
-
-
-def write_report(report: dict[str, Any], out_dir: str) -> str:
-    path = os.path.join(out_dir, REPORT_FILENAME)
-    with open(path, "w", encoding="utf-8") as fp:
-        json.dump(report, fp, indent=2, allow_nan=False)
-        fp.write("\n")
-    return path
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -133,14 +80,54 @@ def _settings_line(settings: dict[str, Any]) -> str:
     )
 
 
+_SUMMARY_KEYS = ("candidates", "changed", "merged", "by_module", "alignment_zero")
+
+
 def read_report(path: str) -> dict[str, Any]:
-    """Load a report from its file or from the merged model's folder."""
+    """A report from its file or from the merged model's folder, checked enough to print.
+
+    Raises :class:`SafeMergeError` (one line naming the file) for anything else: a missing or
+    unreadable file, JSON that is not a SafeMERGE report, a report with missing fields.
+    """
     if os.path.isdir(path):
         path = os.path.join(path, REPORT_FILENAME)
-    with open(path, encoding="utf-8") as fp:
-        report = json.load(fp)
-    if report.get("format") != "safemerge-report":
-        raise ValueError(f"{path} is not a SafeMERGE report")
+    try:
+        with open(path, encoding="utf-8") as fp:
+            report = json.load(fp)
+    except FileNotFoundError:
+        raise SafeMergeError(
+            f"{path}: no such file (a merge output holds {REPORT_FILENAME})"
+        ) from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise SafeMergeError(f"{path}: not a readable JSON file ({error})") from None
+    if not isinstance(report, dict) or report.get("format") not in (
+        REPORT_FORMAT,
+        "safemerge-scan",
+    ):
+        raise SafeMergeError(f'{path}: not a SafeMERGE report (no "format": "{REPORT_FORMAT}")')
+    summary = report.get("summary")
+    problems = []
+    if not isinstance(summary, dict):
+        problems.append("summary")
+    else:
+        problems += [k for k in _SUMMARY_KEYS if k not in summary]
+        problems += [k for k in ("candidates", "changed", "merged", "alignment_zero")
+                     if k in summary and not isinstance(summary[k], int)]  # fmt: skip
+        if not isinstance(summary.get("by_module", {}), dict):
+            problems.append("summary.by_module")
+    for key, kind in (("settings", dict), ("models", dict), ("matrices", list)):
+        if not isinstance(report.get(key), kind):
+            problems.append(key)
+    if not problems and not all(
+        isinstance(m, dict) and {"module", "decision", "block"} <= set(m)
+        for m in report["matrices"]
+    ):
+        problems.append("matrices")
+    if problems:
+        raise SafeMergeError(
+            f"{path}: a damaged SafeMERGE report ({', '.join(dict.fromkeys(problems))} missing "
+            "or of the wrong type)"
+        )
     return report
 
 

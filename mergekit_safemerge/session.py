@@ -1,9 +1,10 @@
-"""State of the SafeMERGE run in progress, shared by the ``run_merge`` integration, the scan and
-the merge method.
+"""State of the SafeMERGE pass in progress, shared by the run integration, the scan and the merge
+method.
 
 mergekit calls the method once per tensor with no notion of a "run", so what a run needs across
 tensors lives here: the records collected for the report, whether this pass only measures (the
 scan, and the first pass of a ranking selection mode), and the matrices a ranking mode selected.
+The session is process-wide on purpose: mergekit may run tensors in worker threads.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from mergekit_safemerge.report import MatrixRecord
+from mergekit_safemerge.records import MatrixRecord
 
 
 @dataclass
@@ -21,7 +22,7 @@ class MergeSession:
     """One pass of mergekit over the tensors."""
 
     measure_only: bool = False  # record rho and the threshold decision; write nothing merged
-    selected: dict[str, str] | None = None  # tensor name -> reason, from a ranking mode
+    ranking: dict[str, str] | None = None  # tensor name -> reason, from a ranking mode
     records: list[MatrixRecord] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

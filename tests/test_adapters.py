@@ -46,7 +46,7 @@ def test_factors_reproduce_peft_merge_and_unload(options, tiny_roles, tmp_path):
             assert torch.equal(expected[name], weight), name
             continue
         touched += 1
-        assert torch.allclose(weight + factors.delta(), expected[name], atol=1e-7, rtol=0), name
+        assert torch.allclose(weight + factors.dense(), expected[name], atol=1e-7, rtol=0), name
     assert touched == 2 * 2  # 2 blocks x (q_proj, v_proj): target_modules honoured
 
 
@@ -135,7 +135,7 @@ def test_adapter_on_fewer_modules_leaves_the_others_aligned(tiny_roles, tmp_path
         (lambda c, a: c["models"].append({"model": a, "parameters": {"role": "safety"}}),
          "exactly 1 models besides base_model"),
         (lambda c, a: c["parameters"].update(safety_adapter="/nonexistent/adapter"),
-         "parameters.safety_adapter: folder /nonexistent/adapter not found"),
+         "parameters.safety_adapter: adapter folder /nonexistent/adapter not found"),
         (lambda c, a: c["parameters"].update(safety_adapter=[{"filter": "q", "value": a}]),
          "parameters.safety_adapter: safety_adapter applies to the whole merge"),
     ],

@@ -83,3 +83,25 @@ def test_ties_matches_an_elementwise_oracle(density):
     w, d, s = _inputs((6, 8), seed=4)
     got = ties_combine(w, d, s, 0.2, density)
     assert torch.allclose(got.double(), _ties_oracle(w, d, s, 0.2, density), atol=1e-6)
+
+
+def test_linear_with_factors_equals_dense_and_leaves_inputs_alone():
+    from mergekit_safemerge.updates import LoraFactors
+
+    w, _, _ = _inputs()
+    g = torch.Generator().manual_seed(3)
+    d = LoraFactors(torch.randn(16, 2, generator=g), torch.randn(2, 24, generator=g))
+    s = LoraFactors(torch.randn(16, 3, generator=g), torch.randn(3, 24, generator=g))
+    before = w.clone()
+    merged = linear_combine(w, d, s, 0.3)
+    assert torch.equal(w, before)  # the aligned weight is never modified in place
+    expected = w + 0.7 * d.dense() + 0.3 * s.dense()
+    assert torch.allclose(merged, expected, atol=1e-5)
+
+
+def test_rule_table_names_every_combine_value():
+    from typing import get_args
+
+    from mergekit_safemerge.combine import COMBINE_RULES, CombineName
+
+    assert set(COMBINE_RULES) == set(get_args(CombineName))

@@ -11,10 +11,10 @@ from mergekit_safemerge.criterion import (
     alignment_criterion,
     alignment_projection,
     factored_alignment_cosine,
-    frobenius_norm,
     low_rank_factors,
-    update_cosine,
+    may_be_exactly_low_rank,
 )
+from mergekit_safemerge.updates import LoraFactors
 
 SHAPES = [(48, 48), (16, 64), (64, 16), (32, 96), (80, 24)]  # square, GQA-like out<in, out>in
 
@@ -106,12 +106,22 @@ def test_shape_mismatch_raises():
         alignment_cosine(torch.ones(4, 5), torch.ones(5, 4))
 
 
-def test_norm_and_update_cosine():
-    x = torch.tensor([[3.0, 4.0]])
-    assert frobenius_norm(x) == pytest.approx(5.0)
-    assert update_cosine(x, 2 * x) == pytest.approx(1.0)
-    assert update_cosine(x, -x) == pytest.approx(-1.0)
-    assert update_cosine(x, torch.zeros_like(x)) == 0.0
+def test_factors_take_the_factored_route():
+    g = torch.Generator().manual_seed(5)
+    left, right = torch.randn(40, 3, generator=g), torch.randn(3, 56, generator=g)
+    v = torch.randn(40, 56, generator=g)
+    criterion = alignment_criterion(LoraFactors(left, right), v)
+    assert criterion.path == "factored" and criterion.rank == 3
+    assert criterion.rho == pytest.approx(oracle_rho(left @ right, v), rel=1e-5)
+
+
+def test_known_squares_give_the_same_rho():
+    d, v = _pair((32, 96), 3)
+    plain = alignment_criterion(d, v, detect_low_rank=False).rho
+    given = alignment_criterion(
+        d, v, detect_low_rank=False, delta_sq=(d * d).sum(), alignment_sq=(v * v).sum()
+    ).rho
+    assert given == pytest.approx(plain, rel=1e-6)
 
 
 # ------------------------------------------------------------------ the low-rank path
@@ -156,6 +166,21 @@ def test_full_rank_and_rounded_updates_take_the_dense_path():
     criterion = alignment_criterion(d, v)
     assert criterion.path == "dense"
     assert criterion.rho == pytest.approx(oracle_rho(d, v), rel=1e-5)
+
+
+def test_precision_gate_skips_only_what_cannot_be_low_rank():
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(128, 128, generator=g)
+    assert not may_be_exactly_low_rank(w.bfloat16())
+    assert not may_be_exactly_low_rank(w.half())
+    assert not may_be_exactly_low_rank(w.bfloat16().float())  # float32 holding bfloat16 values
+    assert may_be_exactly_low_rank(w)
+    # the gate only ever declines where the detection fails anyway
+    lora = 1e-2 * torch.randn(128, 8, generator=g) @ torch.randn(8, 128, generator=g)
+    d = (w + lora).bfloat16().float() - w.bfloat16().float()
+    assert low_rank_factors(d) is None
+    exact = (w + lora) - w
+    assert low_rank_factors(exact) is not None
 
 
 def test_small_matrices_stay_dense():

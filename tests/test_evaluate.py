@@ -114,7 +114,7 @@ def tiny_model_dir(tmp_path_factory):
     """A random tiny LlamaForCausalLM with the character-level tokenizer, saved to a folder."""
     import transformers
 
-    from mergekit_safemerge.tiny_models import save_tiny_tokenizer, tiny_config
+    from mergekit_safemerge.testing.tiny_models import save_tiny_tokenizer, tiny_config
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-guard")
@@ -193,12 +193,15 @@ def test_safemerge_eval_end_to_end(tiny_model_dir, tmp_path, capsys):
     )
 
 
-def test_safemerge_eval_usage_errors(tiny_model_dir, tmp_path):
-    with pytest.raises(SystemExit, match="at least one"):
-        safemerge_main(["eval", tiny_model_dir])
+def test_safemerge_eval_usage_errors(tiny_model_dir, tmp_path, capsys):
+    assert safemerge_main(["eval", tiny_model_dir]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "Error: safemerge eval: give at least one of --harmful, --task, --benign"
+    )
     prompts = tmp_path / "p.txt"
     prompts.write_text("x\n")
-    with pytest.raises(SystemExit, match="--guard-model"):
-        safemerge_main(
-            ["eval", tiny_model_dir, "--harmful", str(prompts), "--judge", "llama-guard"]
-        )
+    args = ["eval", tiny_model_dir, "--harmful", str(prompts), "--judge", "llama-guard"]
+    assert safemerge_main(args) == 1
+    assert capsys.readouterr().err.strip() == (
+        "Error: safemerge eval: --judge llama-guard needs --guard-model ID_OR_FOLDER"
+    )

@@ -26,7 +26,7 @@ from conftest import make_lora_adapter
 from helpers import load_state, run_mergekit
 
 from mergekit_safemerge.report import REPORT_FILENAME
-from mergekit_safemerge.tiny_models import ROLE_FOLDERS, RoleModels, build_role_models
+from mergekit_safemerge.testing.tiny_models import ROLE_FOLDERS, RoleModels, build_role_models
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 RECIPES_DOC = RECIPES.parent / "docs" / "recipes.md"

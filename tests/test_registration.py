@@ -75,8 +75,8 @@ def test_registry_otherwise_unchanged():
 
 
 def test_importing_our_modules_first_still_registers():
-    # the modules that import mergekit themselves (the others import only torch)
-    for module in ("method", "combine", "validation"):
+    # modules that import mergekit themselves, first thing in a fresh interpreter
+    for module in ("mergekit_method", "registration", "validation", "run", "scan.measure", "cli"):
         out = _python(
             f"import mergekit_safemerge.{module}\n"
             "import mergekit.merge\n"
@@ -94,7 +94,7 @@ def test_broken_plugin_warns_and_mergekit_still_works(tmp_path):
     src = ROOT / "mergekit_safemerge"
     for name in ("__init__.py", "_autoload.py"):
         (fake / name).write_text((src / name).read_text())
-    (fake / "method.py").write_text("raise ImportError('simulated breakage')\n")
+    (fake / "registration.py").write_text("raise ImportError('simulated breakage')\n")
     code = (
         f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
         "import warnings; warnings.simplefilter('always')\n"
@@ -190,3 +190,30 @@ def test_regular_wheel_install_registers(tmp_path):
         cwd=tmp_path,  # not the checkout, whose package folder would shadow the wheel's
     )
     assert out == "safemerge True"
+
+
+def test_pure_core_imports_no_mergekit():
+    """The rule and everything it uses import torch only (mergekit's DARE/TIES blocks load when
+    such a rule runs)."""
+    pure = ("rule", "criterion", "combine", "decide", "records", "roles", "updates", "targets",
+            "output", "errors")  # fmt: skip
+    imports = "; ".join(f"import mergekit_safemerge.{m}" for m in pure)
+    out = _python(
+        f"import sys; {imports}\n"
+        "print(any(m == 'mergekit' or m.startswith('mergekit.') for m in sys.modules))",
+        env={"MERGEKIT_SAFEMERGE_AUTOLOAD": "0"},
+    )
+    assert out == "False"
+
+
+def test_importing_our_modules_has_no_side_effect_on_mergekit():
+    """With the hook off, importing the method module registers nothing and wraps nothing."""
+    out = _python(
+        "import mergekit_safemerge.mergekit_method, mergekit_safemerge.run\n"
+        "import mergekit.merge\n"
+        "from mergekit.merge_methods import registered_methods\n"
+        "print('safemerge' in {m.spec.name for m in registered_methods()},"
+        " hasattr(mergekit.merge.run_merge, '__safemerge_wrapped__'))",
+        env={"MERGEKIT_SAFEMERGE_AUTOLOAD": "0"},
+    )
+    assert out == "False False"

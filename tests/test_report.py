@@ -7,16 +7,16 @@ import json
 import pytest
 
 from mergekit_safemerge.cli import main as safemerge_main
+from mergekit_safemerge.errors import SafeMergeError
+from mergekit_safemerge.output import write_json_atomic
+from mergekit_safemerge.records import KEPT, MERGED, MatrixRecord
 from mergekit_safemerge.report import (
-    KEPT,
-    MERGED,
-    MatrixRecord,
+    REPORT_FILENAME,
     build_report,
     model_card_section,
     read_report,
     summarize,
     terminal_summary,
-    write_report,
 )
 
 
@@ -32,7 +32,15 @@ def _record(block, module, rho, decision, v_norm=1.0):
         safety_norm=1.0,
         alignment_norm=v_norm,
         delta_safety_cosine=0.1,
+        criterion="dense" if rho is not None else "none",
+        safety_weight=0.2,
+        combine="linear",
+        density=1.0,
     )
+
+
+def write_report(report, folder):
+    write_json_atomic(str(folder / REPORT_FILENAME), report)
 
 
 RECORDS = [
@@ -66,24 +74,15 @@ def test_report_document_and_files(tmp_path):
     assert [m["block"] for m in report["matrices"]] == [0, 0, 1, 1, 10]  # model order
     first = report["matrices"][0]
     for key in (
-        "name",
-        "shape",
-        "rho",
-        "threshold",
-        "decision",
-        "reason",
-        "delta_norm",
-        "safety_norm",
-        "alignment_norm",
-        "delta_safety_cosine",
-        "module",
-        "block",
-    ):
+        "name", "shape", "rho", "threshold", "decision", "reason", "delta_norm", "safety_norm",
+        "alignment_norm", "delta_safety_cosine", "module", "block", "criterion",
+        "safety_weight", "combine", "density", "select",
+    ):  # fmt: skip
         assert key in first
-    write_report(report, str(tmp_path))
+    write_report(report, tmp_path)
     assert read_report(str(tmp_path)) == json.loads(json.dumps(report))
     (tmp_path / "other.json").write_text("{}")
-    with pytest.raises(ValueError, match="not a SafeMERGE report"):
+    with pytest.raises(SafeMergeError, match="not a SafeMERGE report"):
         read_report(str(tmp_path / "other.json"))
 
 
@@ -101,11 +100,13 @@ def test_card_and_terminal_summary():
 
 
 def test_safemerge_report_command(tmp_path, capsys):
-    write_report(build_report(RECORDS, SETTINGS, MODELS), str(tmp_path))
+    write_report(build_report(RECORDS, SETTINGS, MODELS), tmp_path)
     assert safemerge_main(["report", str(tmp_path)]) == 0
     assert capsys.readouterr().out.startswith("SafeMERGE: merged 2 of 4")
-    with pytest.raises(SystemExit, match="cannot read a report"):
-        safemerge_main(["report", str(tmp_path / "missing")])
+    assert safemerge_main(["report", str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"Error: safemerge report: {tmp_path / 'missing'}: no such file (a merge "
+                   f"output holds {REPORT_FILENAME})"]  # fmt: skip
 
 
 def test_demo_models_command(tmp_path, capsys):

@@ -40,11 +40,15 @@ def generate_from_texts(
     max_new_tokens: int,
     batch_size: int,
     add_special_tokens: bool = False,
+    progress: bool = False,
+    desc: str = "generating",
 ) -> list[str]:
     """Greedy continuations of ``texts`` (new tokens only, special tokens dropped, stripped).
 
-    Texts are batched in order of length (less padding) and returned in input order."""
+    Texts are batched in order of length (less padding) and returned in input order; with
+    ``progress`` a tqdm bar counts the prompts."""
     import torch
+    from tqdm import tqdm
 
     encoded = [tokenizer(t, add_special_tokens=add_special_tokens).input_ids for t in texts]
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
@@ -52,6 +56,7 @@ def generate_from_texts(
     pad_id = tokenizer.pad_token_id
     eos_id = tokenizer.eos_token_id
     device = next(model.parameters()).device
+    bar = tqdm(total=len(texts), desc=desc, disable=not progress, unit="prompt")
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         width = max(len(encoded[i]) for i in chunk)
@@ -72,6 +77,8 @@ def generate_from_texts(
         for row, i in enumerate(chunk):
             new = out[row, width:]
             outputs[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
+        bar.update(len(chunk))
+    bar.close()
     return outputs
 
 
@@ -83,6 +90,7 @@ def generate(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     chat: bool = True,
+    progress: bool = False,
 ) -> list[str]:
     """Greedy responses to user ``prompts`` (chat template applied when ``chat``)."""
     use_template = chat and bool(getattr(tokenizer, "chat_template", None))
@@ -93,4 +101,6 @@ def generate(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         add_special_tokens=not use_template,
+        progress=progress,
+        desc="generating responses",
     )

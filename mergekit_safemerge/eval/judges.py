@@ -131,35 +131,49 @@ def parse_llama_guard(text: str) -> Verdict:
 
 
 class LlamaGuardJudge:
-    """A Llama-Guard-3 model (hub id or local folder) as the judge of harmful responses.
+    """A Llama-Guard-3 model (Hub id or local folder) as the judge of harmful responses.
 
-    ``prompt_format="builtin"`` renders :func:`llama_guard_prompt`; ``"chat-template"`` uses the
-    guard tokenizer's own chat template on ``[user, assistant]`` (the official model ships one
-    that renders the same categories).
+    ``prompt_format``: ``"auto"`` (default) renders the exchange with the guard tokenizer's own
+    chat template, as the model was trained, and falls back to :func:`llama_guard_prompt` only
+    when the tokenizer has no template; ``"chat-template"`` requires the template; ``"builtin"``
+    always uses :func:`llama_guard_prompt`. :attr:`prompt_used` says which one is in use.
     """
 
     name = "llama-guard"
 
     def __init__(
         self,
-        model: str,
+        model_name: str,
         *,
+        model=None,
+        tokenizer=None,
         device: str = "cpu",
         dtype: str = "bfloat16",
         batch_size: int = 8,
         max_new_tokens: int = 20,
-        prompt_format: str = "builtin",
+        prompt_format: str = "auto",
+        progress: bool = False,
     ):
-        if prompt_format not in ("builtin", "chat-template"):
-            raise ValueError(f"prompt_format must be builtin or chat-template, not {prompt_format}")
-        self.model_name = model
-        self.prompt_format = prompt_format
+        if prompt_format not in ("auto", "builtin", "chat-template"):
+            raise ValueError(
+                f"prompt_format must be auto, builtin or chat-template, not {prompt_format}"
+            )
+        self.model_name = model_name
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
-        self.model, self.tokenizer = load_model(model, device=device, dtype=dtype)
+        self.progress = progress
+        if model is None or tokenizer is None:
+            model, tokenizer = load_model(model_name, device=device, dtype=dtype)
+        self.model, self.tokenizer = model, tokenizer
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if prompt_format == "chat-template" and not has_template:
+            raise ValueError(f"guard model {model_name}: its tokenizer has no chat template")
+        if prompt_format == "auto":
+            prompt_format = "chat-template" if has_template else "builtin"
+        self.prompt_used = prompt_format
 
     def prompt(self, user: str, agent: str) -> str:
-        if self.prompt_format == "builtin":
+        if self.prompt_used == "builtin":
             return llama_guard_prompt(user, agent)
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": agent}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False)
@@ -172,6 +186,8 @@ class LlamaGuardJudge:
             texts,
             max_new_tokens=self.max_new_tokens,
             batch_size=self.batch_size,
+            progress=self.progress,
+            desc="judging (Llama Guard)",
         )
 
     def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]:

@@ -86,6 +86,7 @@ def evaluate(
     batch_size: int = 16,
     chat: bool = True,
     keep_items: bool = True,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Generate for every prompt once, judge and score; a JSON-ready result document.
 
@@ -96,13 +97,21 @@ def evaluate(
         refusal = judge if isinstance(judge, RefusalPatternJudge) else RefusalPatternJudge()
     prompts = sets.harmful + [p for p, _ in sets.task] + sets.benign
     responses = generate(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        chat=chat,
+        progress=progress,
     )
     n_h, n_t = len(sets.harmful), len(sets.task)
     harmful_out = responses[:n_h]
     task_out = responses[n_h : n_h + n_t]
     benign_out = responses[n_h + n_t :]
     result: dict[str, Any] = {"format": "safemerge-eval", "judge": judge.name}
+    if getattr(judge, "prompt_used", None):
+        result["judge_prompt"] = judge.prompt_used  # chat-template or builtin
     items: dict[str, list] = {}
 
     if sets.harmful:

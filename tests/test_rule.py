@@ -1,4 +1,5 @@
-"""The per-tensor flow of the mergekit adapter: decisions, candidates, roles and bad tensors."""
+"""The per-matrix rule (measure -> decide -> combine) and its mergekit binding: decisions,
+records, candidates, roles, bad tensors."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from helpers import oracle_rho
 from mergekit.merge_methods import TensorGroup
 
 from mergekit_safemerge.errors import SafeMergeError
-from mergekit_safemerge.method import SAFEMERGE, merge_matrix
-from mergekit_safemerge.report import KEPT, MERGED
+from mergekit_safemerge.mergekit_method import SAFEMERGE
+from mergekit_safemerge.records import KEPT, MERGED
+from mergekit_safemerge.rule import RuleSettings, apply_rule
 from mergekit_safemerge.session import MergeSession, active_session
 from mergekit_safemerge.targets import is_candidate, matches_targets, parse_targets
 
@@ -39,10 +41,15 @@ def _run(group, **parameters):
     return result
 
 
-def _decide(m, threshold, name="w"):
-    """merge_matrix on the four roles of ``m`` with the paper's safety weight 0.2."""
-    return merge_matrix(name, m["aligned"], m["unaligned"], m["finetuned"], m["safety"],
-                        threshold=threshold, safety_weight=0.2)  # fmt: skip
+def _decide(m, threshold, name="w", **settings):
+    """The rule on the four roles of ``m`` with the paper's safety weight 0.2:
+    ``(output or None when kept, record)``."""
+    result = apply_rule(
+        name, m["aligned"], m["unaligned"], m["finetuned"] - m["aligned"],
+        m["safety"] - m["aligned"],
+        RuleSettings(threshold=threshold, safety_weight=0.2, **settings),
+    )  # fmt: skip
+    return result.output, result.record
 
 
 def _rho(m):
@@ -62,7 +69,7 @@ def test_threshold_just_above_and_below_rho():
     )
     assert torch.allclose(merged, expected, atol=1e-6)
     kept, rec = _decide(m, rho - 1e-4)
-    assert rec.decision == KEPT and kept is m["finetuned"]
+    assert rec.decision == KEPT and kept is None
 
 
 def test_strict_inequality_at_rho_equal_threshold():
@@ -76,7 +83,7 @@ def test_zero_update_keeps_the_matrix():
     m = _matrices()
     m["finetuned"] = m["aligned"].clone()
     out, rec = _decide(m, 1.0)
-    assert out is m["finetuned"] and rec.decision == KEPT and rec.rho is None
+    assert out is None and rec.decision == KEPT and rec.rho is None
     assert rec.reason.startswith("D = 0")
 
 
@@ -102,6 +109,23 @@ def test_record_fields_match_oracle():
     assert rec.alignment_norm == pytest.approx(float(v.norm()), rel=1e-5)
     cos = float((d.double() * s.double()).sum() / (d.double().norm() * s.double().norm()))
     assert rec.delta_safety_cosine == pytest.approx(cos, rel=1e-4, abs=1e-6)
+
+
+def test_record_carries_every_applied_value():
+    _, rec = _decide(_matrices(), 0.6, combine="ties", density=0.4, select="threshold")
+    assert (rec.threshold, rec.safety_weight, rec.combine, rec.density, rec.select) == (
+        0.6, 0.2, "ties", 0.4, "threshold",
+    )  # fmt: skip
+
+
+def test_measure_only_merges_nothing():
+    m = _matrices()
+    result = apply_rule(
+        "w", m["aligned"], m["unaligned"], m["finetuned"] - m["aligned"],
+        m["safety"] - m["aligned"], RuleSettings(threshold=1.0, safety_weight=0.2),
+        measure_only=True,
+    )  # fmt: skip
+    assert result.output is None and result.record.decision == MERGED
 
 
 def test_targets_and_candidates():
@@ -165,7 +189,7 @@ def test_non_finite_candidate_names_tensor_and_model(bad, value):
 
 def test_duplicate_role_in_group():
     m = _matrices()
-    with pytest.raises(SafeMergeError, match="role 'safety' is given to two models"):
+    with pytest.raises(SafeMergeError, match="role 'safety' is already given to model unaligned"):
         _run(_group(m), role={"unaligned": "safety", "finetuned": "finetuned", "safety": "safety"})
 
 
@@ -195,3 +219,27 @@ def test_unselected_matrices_are_never_sparsified(combine):
     m = _matrices()
     result = _run(_group(m), threshold=0.0, combine=combine, density=0.3)
     assert torch.equal(result, m["finetuned"])
+
+
+@pytest.mark.parametrize(
+    ("name", "axis", "targets"),
+    [
+        ("model.embed_tokens.weight", 0, ""),
+        ("model.layers.0.mlp.up_proj.weight", None, "q_proj"),
+        ("model.norm.weight", None, ""),
+    ],
+)
+def test_non_finite_outside_the_candidates_stops_the_run(name, axis, targets):
+    m = _matrices()
+    if name.endswith("norm.weight"):
+        m = {k: t[0].clone() for k, t in m.items()}
+    m["finetuned"] = m["finetuned"].clone()
+    m["finetuned"].view(-1)[3] = float("nan")
+    with pytest.raises(SafeMergeError, match=rf"tensor {name} of model finetuned"):
+        _run(_group(m, name=name, vocabulary_axis=axis), targets=targets)
+    # a NaN in a role whose tensor is not used (the unaligned embedding) changes nothing
+    m = _matrices()
+    m["unaligned"] = m["unaligned"].clone()
+    m["unaligned"][0, 0] = float("nan")
+    vocab = _run(_group(m, name="model.embed_tokens.weight", vocabulary_axis=0))
+    assert torch.equal(vocab, m["finetuned"])

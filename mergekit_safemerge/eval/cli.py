@@ -1,0 +1,105 @@
+"""What ``safemerge eval`` does once its options are read: load, generate, judge, write, print."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from mergekit_safemerge.errors import SafeMergeError
+
+EVAL_FORMAT = "safemerge-eval"
+
+
+def _load(model: str, **kwargs):
+    """``load_model`` with one-line errors for a missing folder or an unreachable Hub id."""
+    from mergekit_safemerge.eval.generation import load_model
+
+    local = model.startswith(("/", "./", "../", "~")) or model.count("/") != 1
+    if local and not os.path.isdir(model):
+        raise SafeMergeError(f"model {model}: no such folder")
+    try:
+        return load_model(model, **kwargs)
+    except (OSError, ValueError) as error:
+        message = " ".join(str(error).split())[:300]
+        raise SafeMergeError(f"model {model}: cannot load it ({message})") from None
+
+
+def _output_path(model: str, out: str | None) -> str:
+    folder = model if os.path.isdir(model) else "."
+    path = out or os.path.join(folder, "safemerge_eval.json")
+    if os.path.isdir(path):
+        raise SafeMergeError(f"--out {path} is a folder; give a file name")
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as fp:
+                ours = json.load(fp).get("format") == EVAL_FORMAT
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise SafeMergeError(
+                f"--out {path} exists and is not a safemerge eval result; choose another file"
+            )
+    return path
+
+
+def run_eval(
+    model: str,
+    harmful: list[str],
+    task: list[tuple[str, str]],
+    benign: list[str],
+    merge_options,
+    options: dict[str, Any],
+) -> None:
+    import click
+
+    from mergekit_safemerge.eval.judges import LlamaGuardJudge, RefusalPatternJudge
+    from mergekit_safemerge.eval.scoring import PromptSets, evaluate, summary_text
+    from mergekit_safemerge.output import write_json_atomic
+
+    device = merge_options.device or "cpu"
+    out = _output_path(model, options["out"])
+    refusal = (
+        RefusalPatternJudge(options["refusal_pattern"]) if options["refusal_pattern"] else None
+    )
+    if options["judge"] == "llama-guard":
+        if not options["guard_model"]:
+            raise SafeMergeError("--judge llama-guard needs --guard-model ID_OR_FOLDER")
+        guard_model, guard_tokenizer = _load(
+            options["guard_model"], device=device, dtype=options["guard_dtype"]
+        )
+        judge = LlamaGuardJudge(
+            options["guard_model"],
+            model=guard_model,
+            tokenizer=guard_tokenizer,
+            batch_size=options["batch_size"],
+            prompt_format=options["guard_prompt"],
+            progress=not merge_options.quiet,
+        )
+    else:
+        judge = refusal or RefusalPatternJudge()
+    loaded, tokenizer = _load(model, device=device, dtype=options["dtype"])
+    result = evaluate(
+        loaded,
+        tokenizer,
+        PromptSets(harmful=harmful, task=task, benign=benign),
+        judge=judge,
+        refusal=refusal,
+        max_new_tokens=options["max_new_tokens"],
+        batch_size=options["batch_size"],
+        chat=not options["no_chat_template"],
+        progress=not merge_options.quiet,
+    )
+    result = {"model": model, **result}
+    result["settings"] = {
+        "max_new_tokens": options["max_new_tokens"],
+        "batch_size": options["batch_size"],
+        "chat_template": not options["no_chat_template"],
+        "dtype": options["dtype"],
+        "judge": options["judge"],
+        "guard_model": options["guard_model"],
+        "refusal_patterns": list((refusal or RefusalPatternJudge()).patterns),
+    }
+    write_json_atomic(out, result)
+    click.echo(summary_text(result))
+    click.echo(f"wrote {out}")

@@ -1,0 +1,186 @@
+"""SafeMERGE for one candidate matrix: measure -> decide -> combine. Pure: torch, no mergekit.
+
+For one ``out x in`` weight with ``W_al`` (aligned), ``W_un`` (unaligned) and the updates
+``D = W_ft - W_al``, ``S = W_safety - W_al`` (dense or LoRA factors):
+
+1. :func:`measure`: ``V = W_al - W_un``, ``||D||``, ``||S||``, ``||V||``, ``cos(D, S)`` and
+   ``rho = cos(C D, D)`` by the cheapest exact route (:mod:`.criterion`);
+2. :func:`~mergekit_safemerge.decide.decide`: merged or kept, with the reason;
+3. a merged matrix is ``W = combine(W_al, D, S)`` (:data:`.combine.COMBINE_RULES`); a kept one
+   is the fine-tuned weight itself.
+
+The mergekit binding, the scan and the adapter output all call :func:`apply_rule`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from mergekit_safemerge.combine import COMBINE_RULES, CombineSettings
+from mergekit_safemerge.criterion import Criterion, alignment_criterion
+from mergekit_safemerge.decide import Decision, decide
+from mergekit_safemerge.errors import SafeMergeError
+from mergekit_safemerge.records import KEPT, MERGED, MatrixRecord
+from mergekit_safemerge.updates import WORK_DTYPE, Update, squared_norm, update_cosine
+
+
+class NonFiniteInput(SafeMergeError):
+    """A NaN or Inf in one of a candidate's inputs (the binding names the model)."""
+
+    def __init__(self, tensor_name: str):
+        super().__init__(f"tensor {tensor_name}: an input contains NaN or Inf")
+        self.tensor_name = tensor_name
+
+
+@dataclass(frozen=True)
+class RuleSettings:
+    """The values applied to one matrix (shared parameters, possibly per ``filter:``)."""
+
+    threshold: float
+    safety_weight: float
+    combine: str = "linear"
+    density: float = 1.0
+    select: str = "threshold"
+    seed: int = 0  # per-tensor seed of dare_linear
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What :func:`measure` found for one matrix (float32 norms, ``criterion`` None when D = 0)."""
+
+    delta_norm: float
+    safety_norm: float
+    alignment_norm: float
+    delta_safety_cosine: float
+    criterion: Criterion | None
+
+
+@dataclass(frozen=True)
+class RuleResult:
+    """The output matrix (None: keep the fine-tuned weight unchanged) and the record."""
+
+    output: torch.Tensor | None
+    record: MatrixRecord
+
+
+def measure(
+    name: str,
+    alignment: torch.Tensor,
+    delta: Update,
+    safety_delta: Update,
+    *,
+    detect_low_rank: bool = True,
+) -> Measurement:
+    """Norms, ``cos(D, S)`` and ``rho`` for one matrix (``V``, ``D``, ``S``: ``out x in``).
+
+    Raises :class:`NonFiniteInput` when a norm is NaN or Inf: every input enters one of ``D``,
+    ``S``, ``V``, so a NaN or Inf anywhere shows there.
+    """
+    delta_sq, safety_sq = squared_norm(delta), squared_norm(safety_delta)
+    flat_alignment = alignment.reshape(-1)
+    alignment_sq = torch.vdot(flat_alignment, flat_alignment)
+    delta_norm, safety_norm, alignment_norm = (
+        float(x.clamp_min(0).sqrt()) for x in (delta_sq, safety_sq, alignment_sq)
+    )
+    if not math.isfinite(delta_norm + safety_norm + alignment_norm):
+        raise NonFiniteInput(name)
+    cosine = update_cosine(delta, safety_delta, delta_norm, safety_norm)
+    if delta_norm == 0.0:
+        return Measurement(delta_norm, safety_norm, alignment_norm, cosine, None)
+    criterion = alignment_criterion(
+        delta,
+        alignment,
+        detect_low_rank=detect_low_rank,
+        delta_sq=delta_sq,
+        alignment_sq=alignment_sq,
+    )
+    return Measurement(delta_norm, safety_norm, alignment_norm, cosine, criterion)
+
+
+def combine(
+    rule: str, aligned: torch.Tensor, delta: Update, safety_delta: Update, settings: RuleSettings
+) -> torch.Tensor:
+    """``W = W_aligned + mix(D, S)`` (float32) with the rule named ``rule``."""
+    function = COMBINE_RULES.get(rule)
+    if function is None:
+        raise SafeMergeError(
+            f"parameters.combine {rule!r} is not one of {', '.join(COMBINE_RULES)}"
+        )
+    return function(
+        aligned,
+        delta,
+        safety_delta,
+        CombineSettings(settings.safety_weight, settings.density, settings.seed),
+    )
+
+
+def record_of(
+    name: str,
+    shape: tuple[int, int],
+    found: Measurement,
+    decision: Decision,
+    settings: RuleSettings,
+) -> MatrixRecord:
+    criterion = found.criterion
+    return MatrixRecord(
+        name=name,
+        shape=shape,
+        rho=None if criterion is None else criterion.rho,
+        decision=MERGED if decision.merged else KEPT,
+        reason=decision.reason,
+        delta_norm=found.delta_norm,
+        safety_norm=found.safety_norm,
+        alignment_norm=found.alignment_norm,
+        delta_safety_cosine=found.delta_safety_cosine,
+        criterion="none" if criterion is None else criterion.describe(),
+        threshold=float(settings.threshold),
+        safety_weight=float(settings.safety_weight),
+        combine=settings.combine,
+        density=float(settings.density),
+        select=settings.select,
+    )
+
+
+def apply_rule(
+    name: str,
+    aligned: torch.Tensor,
+    unaligned: torch.Tensor,
+    delta: Update,
+    safety_delta: Update,
+    settings: RuleSettings,
+    *,
+    ranking: Mapping[str, str] | None = None,
+    measure_only: bool = False,
+    detect_low_rank: bool = True,
+) -> RuleResult:
+    """SafeMERGE for one candidate matrix.
+
+    ``aligned`` and ``unaligned`` are the weights (any float dtype), ``delta`` / ``safety_delta``
+    the updates ``D`` and ``S`` (float32 dense, or :class:`LoraFactors`). ``ranking`` holds the
+    selection of a ranking mode (:func:`~mergekit_safemerge.decide.rank_matrices`);
+    ``measure_only`` records the threshold decision and merges nothing (the scan, and the
+    first pass of a ranking mode). The output is None when the matrix keeps its fine-tuned
+    weight.
+    """
+    base = aligned.to(WORK_DTYPE)
+    alignment = base - unaligned
+    found = measure(name, alignment, delta, safety_delta, detect_low_rank=detect_low_rank)
+    del alignment
+    select = "threshold" if measure_only else settings.select
+    decision = decide(
+        name,
+        None if found.criterion is None else found.criterion.rho,
+        select=select,
+        threshold=settings.threshold,
+        ranking=ranking,
+        alignment_zero=found.alignment_norm == 0.0,
+    )
+    shape = (int(aligned.shape[0]), int(aligned.shape[1]))
+    record = record_of(name, shape, found, decision, settings)
+    if measure_only or not decision.merged:
+        return RuleResult(None, record)
+    return RuleResult(combine(settings.combine, base, delta, safety_delta, settings), record)
