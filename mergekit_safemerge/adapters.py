@@ -187,9 +187,11 @@ class LoraAdapter:
                     f"{CONFIG_FILE} says r = {configured} (PEFT would refuse to load it)"
                 )
             if not check_target_module_exists(self.config, module):
+                targets = self.config.target_modules
+                shown = sorted(targets) if isinstance(targets, (set, list)) else targets
                 raise SafeMergeError(
-                    f"adapter {self.path}: {module} is not matched by target_modules "
-                    f"{self.config.target_modules!r} of {CONFIG_FILE}"
+                    f"adapter {self.path}: {module} is not matched by target_modules {shown!r} "
+                    f"of {CONFIG_FILE}"
                 )
             self._shapes[module] = (down, up)
         return modules

@@ -235,11 +235,13 @@ class SafeMergeMethod(GroupMergeMethod):
         entries = role_entries(group, role, frozenset(adapters))
         name = group.metadata.name or "<unnamed tensor>"
         aligned = entries[ALIGNED]
-        factors = {r: _adapter_update(s, r, name, aligned) for r, s in adapters.items()}
-        delta_factors = factors.get("finetuned")
         candidate = is_candidate(
             name, aligned.tensor.ndim, group.metadata.vocabulary_axis, parse_targets(targets)
         )
+        # only what this tensor needs: the safety side only for candidates
+        needed = adapters if candidate else {r: s for r, s in adapters.items() if r == "finetuned"}
+        factors = {r: _adapter_update(s, r, name, aligned) for r, s in needed.items()}
+        delta_factors = factors.get("finetuned")
         if not candidate:
             output = _finetuned_weight(entries, delta_factors)
             source = str(entries["finetuned"].id) if "finetuned" in entries else "the fine-tune"

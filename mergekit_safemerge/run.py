@@ -19,6 +19,7 @@ to mergekit's own ``run_merge``, untouched.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -34,6 +35,7 @@ from mergekit_safemerge.errors import SafeMergeError
 
 LOG = logging.getLogger(__name__)
 _WRAPPED_MARK = "__safemerge_wrapped__"
+_DISK_FULL = re.compile(r"No space left on device|os error 28\b")
 _SAFEMERGE_LINE = re.compile(r"^\s*merge_method\s*:\s*[\"']?safemerge\b", re.MULTILINE)
 
 
@@ -116,6 +118,9 @@ def _translate(error: BaseException, config, options, out_path: str) -> BaseExce
         return error
     if isinstance(error, OSError):
         return SafeMergeError(f"{describe_os_error(error, 'the merged model')}; {nothing}")
+    if isinstance(error, Exception) and _DISK_FULL.search(str(error)):  # safetensors' own error
+        full = OSError(errno.ENOSPC, "No space left on device")
+        return SafeMergeError(f"{describe_os_error(full, 'the merged model')}; {nothing}")
     if isinstance(error, ValueError):
         translated = _shape_mismatch(error, config, options)
         if translated is not None:

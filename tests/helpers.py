@@ -120,3 +120,39 @@ def run_mergekit_in_process(config: str, out_dir: str | os.PathLike, *flags: str
     from mergekit.scripts.run_yaml import main
 
     return CliRunner().invoke(main, [config, str(out_dir), *flags], catch_exceptions=True)
+
+
+# ---------------------------------------------------------------- failures: what is left behind
+def tree_snapshot(folder: str | os.PathLike) -> dict[str, bytes | None]:
+    """Every entry under ``folder`` (hidden ones too): relative path -> content (None: folder).
+
+    Two snapshots are equal exactly when nothing was created, removed or changed.
+    """
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        return {}
+    if not folder.is_dir():
+        return {".": folder.read_bytes() if folder.exists() else b"<dangling link>"}
+    found: dict[str, bytes | None] = {}
+    for path in sorted(folder.rglob("*")):
+        rel = str(path.relative_to(folder))
+        if path.is_symlink():
+            found[rel] = f"link -> {os.readlink(path)}".encode()
+        else:
+            found[rel] = None if path.is_dir() else path.read_bytes()
+    return found
+
+
+def error_line(output: str) -> str:
+    """The one error line a failed command printed; fails when there is a traceback or none."""
+    assert "Traceback" not in output, output
+    lines = [line for line in output.strip().splitlines() if line.startswith("Error: ")]
+    assert len(lines) == 1, output
+    return lines[0]
+
+
+def copy_role_models(tiny, folder: Path) -> dict[str, str]:
+    """Copies of the tiny role models under ``folder`` (tests may corrupt them)."""
+    import shutil
+
+    return {role: str(shutil.copytree(path, folder / role)) for role, path in tiny.paths.items()}
