@@ -250,39 +250,81 @@ def _other_architecture(tiny_roles):
     return corrupt
 
 
+def _write_text(file, text):
+    def corrupt(folder):
+        with open(os.path.join(folder, file), "w") as fp:
+            fp.write(text)
+
+    return corrupt
+
+
+def _empty(folder):
+    for entry in os.scandir(folder):
+        os.remove(entry.path)
+
+
+def _truncate(folder, size=1000, file="model.safetensors"):
+    os.truncate(os.path.join(folder, file), size)
+
+
+def _state(edit):
+    return lambda folder: _edit_state(folder, edit)
+
+
 Q = "model.layers.1.self_attn.q_proj.weight"
+UP = "model.layers.0.mlp.up_proj.weight"
+NAN, INF = float("nan"), float("inf")
 MODEL_CASES = {
-    "empty folder": ("safety", lambda f: [os.remove(e.path) for e in os.scandir(f)],
-                     r"model .*safety \(safety\): folder .*safety is empty"),
-    "no config.json": ("safety", lambda f: os.remove(os.path.join(f, "config.json")),
-                       r"folder .*safety has no config.json"),
-    "config without architectures": ("safety", _edit_config(lambda c: c.pop("architectures")),
-                                     r"\(safety\): config.json has no 'architectures'"),
-    "config not JSON": ("finetuned", lambda f: open(os.path.join(f, "config.json"), "w").write("{"),
-                        r"\(finetuned\): config.json is not valid JSON"),
-    "missing tensor": ("safety", lambda f: _edit_state(f, lambda s: s.pop(Q)),
-                       rf"tensor {Q}: missing in model .*safety \(safety\)"),
-    "shape mismatch": ("safety", lambda f: _edit_state(f, lambda s: s.update({Q: torch.zeros(8, 64)})),
-                       rf"tensor {Q}: shape \(8, 64\) in model .*\(safety\) differs from \(64, 64\)"),
-    "truncated safetensors": ("safety", lambda f: os.truncate(os.path.join(f, "model.safetensors"), 1000),
-                              r"\(safety\): model.safetensors is not a readable safetensors file"),
-    "bad safetensors header": ("unaligned", _write_bytes(8, b"xxxxxxxxxxxx"),
-                               r"\(unaligned\): model.safetensors is not a readable safetensors"),
-    "huge header length": ("aligned", _write_bytes(0, struct.pack("<Q", 2**40)),
-                           r"\(aligned\): model.safetensors is not a readable safetensors file "
-                           r"\(.*header too large\)"),
-    "integer weights": ("safety", lambda f: _edit_state(f, _as_int32(Q)),
-                        rf"tensor {Q}: dtype I32 in model .*\(safety\) is not a floating-point"),
-    "NaN in a norm": ("finetuned", lambda f: _edit_state(f, _set("model.norm.weight", float("nan"))),
-                      r"tensor model.norm.weight of model .*\(finetuned\) contains NaN or Inf"),
+    "empty folder": ("safety", _empty, r"model .*safety \(safety\): folder .*safety is empty"),
+    "no config.json": (
+        "safety", lambda f: os.remove(os.path.join(f, "config.json")),
+        r"folder .*safety has no config.json",
+    ),
+    "config without architectures": (
+        "safety", _edit_config(lambda c: c.pop("architectures")),
+        r"\(safety\): config.json has no 'architectures'",
+    ),
+    "config not JSON": (
+        "finetuned", _write_text("config.json", "{"),
+        r"\(finetuned\): config.json is not valid JSON",
+    ),
+    "missing tensor": (
+        "safety", _state(lambda s: s.pop(Q)), rf"tensor {Q}: missing in model .*safety \(safety\)",
+    ),
+    "shape mismatch": (
+        "safety", _state(lambda s: s.update({Q: torch.zeros(8, 64)})),
+        rf"tensor {Q}: shape \(8, 64\) in model .*\(safety\) differs from \(64, 64\)",
+    ),
+    "truncated safetensors": (
+        "safety", _truncate, r"\(safety\): model.safetensors is not a readable safetensors file",
+    ),
+    "bad safetensors header": (
+        "unaligned", _write_bytes(8, b"xxxxxxxxxxxx"),
+        r"\(unaligned\): model.safetensors is not a readable safetensors",
+    ),
+    "huge header length": (
+        "aligned", _write_bytes(0, struct.pack("<Q", 2**40)),
+        r"\(aligned\): model.safetensors is not a readable safetensors file \(.*header too large\)",
+    ),
+    "integer weights": (
+        "safety", _state(_as_int32(Q)),
+        rf"tensor {Q}: dtype I32 in model .*\(safety\) is not a floating-point",
+    ),
+    "NaN in a norm": (
+        "finetuned", _state(_set("model.norm.weight", NAN)),
+        r"tensor model.norm.weight of model .*\(finetuned\) contains NaN or Inf",
+    ),
     "Inf in the embedding": (
-        "finetuned", lambda f: _edit_state(f, _set("model.embed_tokens.weight", float("inf"))),
-        r"tensor model.embed_tokens.weight of model .*\(finetuned\) contains NaN or Inf"),
+        "finetuned", _state(_set("model.embed_tokens.weight", INF)),
+        r"tensor model.embed_tokens.weight of model .*\(finetuned\) contains NaN or Inf",
+    ),
     "NaN in an MLP matrix outside targets": (
-        "finetuned", lambda f: _edit_state(f, _set("model.layers.0.mlp.up_proj.weight", float("nan"))),
-        r"tensor model.layers.0.mlp.up_proj.weight of model .*\(finetuned\) contains NaN"),
-    "NaN in a candidate": ("unaligned", lambda f: _edit_state(f, _set(Q, float("nan"))),
-                           rf"tensor {Q} of model .*unaligned \(unaligned\) contains NaN or Inf"),
+        "finetuned", _state(_set(UP, NAN)), rf"tensor {UP} of model .*\(finetuned\) contains NaN",
+    ),
+    "NaN in a candidate": (
+        "unaligned", _state(_set(Q, NAN)),
+        rf"tensor {Q} of model .*unaligned \(unaligned\) contains NaN or Inf",
+    ),
 }  # fmt: skip
 
 
@@ -401,7 +443,7 @@ ADAPTER_CASES = {
         r"adapter .*finetuned: .* is not matched by target_modules \['k_proj'\]",
     ),
     "invalid adapter_config.json": (
-        lambda f: open(os.path.join(f, "adapter_config.json"), "w").write("{not json"),
+        _write_text("adapter_config.json", "{not json"),
         r"adapter .*finetuned: adapter_config.json is not valid JSON",
     ),
     "truncated adapter weights": (
@@ -425,8 +467,9 @@ def test_bad_adapter(case, adapter_roles, tmp_path):
 
 def test_suspicious_adapters_are_warned_about_and_recorded(adapter_roles, tmp_path):
     roles, adapters = adapter_roles
-    _edit_adapter_config(adapters["safety"],
-                         lambda c: c.update(base_model_name_or_path="org/another-model"))  # fmt: skip
+    _edit_adapter_config(
+        adapters["safety"], lambda c: c.update(base_model_name_or_path="org/another-model")
+    )
     config = _adapter_config(tmp_path, roles, {**adapters, "finetuned": adapters["safety"]})
     result = run_mergekit_in_process(config, tmp_path / "out")
     assert result.exit_code == 0, result.output
@@ -512,8 +555,8 @@ def test_eval_on_an_empty_prompt_file(content, tmp_path, capsys, roles):
 
 def test_demo_models_into_a_file(tmp_path, capsys):
     (tmp_path / "x").write_text("mine")
-    _command_fails(["demo-models", str(tmp_path / "x")],
-                   r"Error: safemerge demo-models: folder .*x is a file", capsys, tmp_path)  # fmt: skip
+    pattern = r"Error: safemerge demo-models: folder .*x is a file"
+    _command_fails(["demo-models", str(tmp_path / "x")], pattern, capsys, tmp_path)
 
 
 def test_demo_models_needs_one_layer(tmp_path, capsys):
