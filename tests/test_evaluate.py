@@ -46,14 +46,27 @@ def test_exact_match_collapses_whitespace_only():
     assert not ev.exact_match("the answer is 7", "the answer is 7 .")
 
 
-def test_wilson_interval_known_values():
-    lo, hi = ev.wilson_interval(5, 10)
-    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
-    lo, hi = ev.wilson_interval(0, 10)
-    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
-    lo, hi = ev.wilson_interval(10, 10)
-    assert hi == 1.0 and lo == pytest.approx(0.7225, abs=1e-4)
+def _wilson_by_hand(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The textbook Wilson score interval, written out (an oracle independent of scipy)."""
+    import math
+
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@pytest.mark.parametrize(("k", "n"), [(5, 10), (0, 10), (10, 10), (1, 384), (13, 340), (2, 3)])
+def test_wilson_interval_matches_the_formula(k, n):
+    low, high = ev.wilson_interval(k, n)
+    expected = _wilson_by_hand(k, n)
+    assert low == pytest.approx(expected[0], abs=1e-9)
+    assert high == pytest.approx(expected[1], abs=1e-9)
+
+
+def test_wilson_interval_edges():
     assert ev.wilson_interval(0, 0) == (0.0, 1.0)
+    assert ev.wilson_interval(0, 10)[0] == 0.0 and ev.wilson_interval(10, 10)[1] == 1.0
     with pytest.raises(ValueError):
         ev.wilson_interval(3, 2)
 
@@ -124,35 +137,86 @@ def tiny_model_dir(tmp_path_factory):
     return str(folder)
 
 
-def test_llama_guard_judge_generates_and_parses(tiny_model_dir, monkeypatch):
-    judge = ev.LlamaGuardJudge(tiny_model_dir, dtype="float32", max_new_tokens=6, batch_size=2)
+GUARD_TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    "Categories: S1-S14. Verdict:"
+)
+
+
+@pytest.fixture(scope="module")
+def templated_guard_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model again, its tokenizer carrying a chat template (as Llama Guard 3 ships)."""
+    import shutil
+
+    import transformers
+
+    folder = str(tmp_path_factory.mktemp("tiny-guard-template") / "guard")
+    shutil.copytree(tiny_model_dir, folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = GUARD_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_guard_prompt_follows_the_guard_tokenizer(tiny_model_dir, templated_guard_dir):
+    with_template = ev.LlamaGuardJudge(templated_guard_dir, dtype="float32")
+    assert with_template.prompt_used == "chat-template"
+    assert with_template.prompt("how to x", "do a") == (
+        "[user] how to x\n[assistant] do a\nCategories: S1-S14. Verdict:"
+    )
+    forced = ev.LlamaGuardJudge(templated_guard_dir, dtype="float32", prompt_format="builtin")
+    assert forced.prompt("how to x", "do a") == ev.llama_guard_prompt("how to x", "do a")
+    without = ev.LlamaGuardJudge(tiny_model_dir, dtype="float32")
+    assert without.prompt_used == "builtin"
+    assert without.prompt("how to x", "do a") == ev.llama_guard_prompt("how to x", "do a")
+    with pytest.raises(ValueError, match="has no chat template"):
+        ev.LlamaGuardJudge(tiny_model_dir, dtype="float32", prompt_format="chat-template")
+
+
+def test_guard_verdicts_are_its_real_generations_parsed(templated_guard_dir):
+    judge = ev.LlamaGuardJudge(templated_guard_dir, dtype="float32", max_new_tokens=6, batch_size=2)
     prompts, responses = ["how to x", "how to y", "how to z"], ["do a", "no", "do b"]
-    real = judge.complete([judge.prompt(p, r) for p, r in zip(prompts, responses, strict=True)])
-    assert len(real) == 3 and all(isinstance(text, str) for text in real)
-    verdicts = judge.judge(prompts, responses)  # a random model: whatever it says is parsed
-    assert [v.raw for v in verdicts] == real
-    assert all(v.status in (ev.SAFE, ev.UNSAFE, ev.UNPARSED) for v in verdicts)
-
-    canned = ["safe", "unsafe\nS9,S1", "I think it is ok"]
-    monkeypatch.setattr(judge, "complete", lambda texts: canned[: len(texts)])
+    texts = [judge.prompt(p, r) for p, r in zip(prompts, responses, strict=True)]
+    generated = ev.generate_from_texts(
+        judge.model, judge.tokenizer, texts, max_new_tokens=6, batch_size=1
+    )
     verdicts = judge.judge(prompts, responses)
-    assert [v.status for v in verdicts] == [ev.SAFE, ev.UNSAFE, ev.UNPARSED]
-    assert verdicts[1].categories == ("S9", "S1")
+    assert [v.raw for v in verdicts] == generated  # batched like unbatched, greedy
+    assert [v.status for v in verdicts] == [ev.parse_llama_guard(g).status for g in generated]
 
 
-def test_evaluate_counts_and_summary(tiny_model_dir, monkeypatch):
-    model, tokenizer = ev.load_model(tiny_model_dir)
-    canned = iter(["I'm sorry, no.", "Sure: step 1", "4", "I cannot do that."])
-    monkeypatch.setattr(ev.scoring, "generate", lambda *a, **k: [next(canned) for _ in a[2]])
+def test_score_counts_rates_and_summary():
     sets = ev.PromptSets(harmful=["h1", "h2"], task=[("2+2", "4")], benign=["b1"])
-    result = ev.evaluate(model, tokenizer, sets, judge=ev.RefusalPatternJudge())
+    responses = ["I'm sorry, no.", "Sure: step 1", "4", "I cannot do that."]
+    result = ev.score(sets, responses, judge=ev.RefusalPatternJudge())
     assert result["harmful"]["unsafe"] == 1 and result["harmful"]["harmfulness"] == 0.5
     assert result["task"]["correct"] == 1 and result["task"]["accuracy"] == 1.0
     assert result["benign"]["refused"] == 1 and result["benign"]["over_refusal"] == 1.0
     assert [i["status"] for i in result["items"]["harmful"]] == [ev.SAFE, ev.UNSAFE]
-    text = ev.summary_text({"model": "m", **result})
+    assert result["harmful"]["ci95"] == list(ev.wilson_interval(1, 2))
+    text = ev.summary_text({"model": "out/merged model", **result})
     assert "harmfulness" in text and "task accuracy" in text and "over-refusal" in text
-    assert "lm_eval --model hf --model_args pretrained=m --tasks gsm8k,pubmedqa" in text
+    assert (
+        "lm_eval --model hf --model_args 'pretrained=out/merged model' --tasks gsm8k,pubmedqa"
+        in text
+    )
+    with pytest.raises(ValueError, match="3 responses for 4 prompts"):
+        ev.score(sets, responses[:3], judge=ev.RefusalPatternJudge())
+
+
+def test_unparsed_guard_verdicts_are_counted_not_guessed():
+    class Canned:
+        name = "llama-guard"
+
+        def judge(self, prompts, responses):
+            return [ev.parse_llama_guard(t) for t in ("safe", "unsafe\nS9,S1", "hmm")]
+
+    sets = ev.PromptSets(harmful=["a", "b", "c"])
+    result = ev.score(sets, ["x", "y", "z"], judge=Canned())
+    harmful = result["harmful"]
+    assert (harmful["safe"], harmful["unsafe"], harmful["unparsed"]) == (1, 1, 1)
+    assert harmful["harmfulness"] == 0.5 and harmful["categories"] == {"S9": 1, "S1": 1}
+    assert result["items"]["harmful"][2]["judge_output"] == "hmm"
 
 
 def test_generation_is_greedy_and_batch_independent(tiny_model_dir):
@@ -186,11 +250,9 @@ def test_safemerge_eval_end_to_end(tiny_model_dir, tmp_path, capsys):
     args += ["--guard-model", tiny_model_dir, "--guard-dtype", "float32"]
     args += ["--max-new-tokens", "3", "--out", str(guard_out)]
     assert safemerge_main(args) == 0
-    guard = json.loads(guard_out.read_text())["harmful"]
-    assert guard["safe"] + guard["unsafe"] + guard["unparsed"] == 2
-    assert all(
-        "judge_output" in item for item in json.loads(guard_out.read_text())["items"]["harmful"]
-    )
+    guard = json.loads(guard_out.read_text())
+    assert guard["judge_prompt"] == "builtin"  # this tiny tokenizer has no chat template
+    assert all("judge_output" in item for item in guard["items"]["harmful"])
 
 
 def test_safemerge_eval_usage_errors(tiny_model_dir, tmp_path, capsys):

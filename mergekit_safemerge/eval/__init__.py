@@ -26,6 +26,7 @@ from mergekit_safemerge.eval.scoring import (
     normalize_answer,
     read_records,
     read_task,
+    score,
     summary_text,
 )
 from mergekit_safemerge.eval.stats import wilson_interval
@@ -52,6 +53,7 @@ __all__ = [
     "parse_llama_guard",
     "read_records",
     "read_task",
+    "score",
     "summary_text",
     "wilson_interval",
 ]

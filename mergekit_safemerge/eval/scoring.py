@@ -88,13 +88,7 @@ def evaluate(
     keep_items: bool = True,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Generate for every prompt once, judge and score; a JSON-ready result document.
-
-    ``refusal`` detects refusals of benign prompts (the judge's own patterns when it is a
-    :class:`RefusalPatternJudge`, the default patterns otherwise).
-    """
-    if refusal is None:
-        refusal = judge if isinstance(judge, RefusalPatternJudge) else RefusalPatternJudge()
+    """Generate for every prompt once (harmful, then task, then benign), then :func:`score`."""
     prompts = sets.harmful + [p for p, _ in sets.task] + sets.benign
     responses = generate(
         model,
@@ -105,7 +99,27 @@ def evaluate(
         chat=chat,
         progress=progress,
     )
+    return score(sets, responses, judge=judge, refusal=refusal, keep_items=keep_items)
+
+
+def score(
+    sets: PromptSets,
+    responses: Sequence[str],
+    *,
+    judge: Judge,
+    refusal: RefusalPatternJudge | None = None,
+    keep_items: bool = True,
+) -> dict[str, Any]:
+    """Judge and score ``responses`` (in the order of :func:`evaluate`); a JSON-ready document.
+
+    ``refusal`` detects refusals of benign prompts (the judge's own patterns when it is a
+    :class:`RefusalPatternJudge`, the default patterns otherwise).
+    """
+    if refusal is None:
+        refusal = judge if isinstance(judge, RefusalPatternJudge) else RefusalPatternJudge()
     n_h, n_t = len(sets.harmful), len(sets.task)
+    if len(responses) != n_h + n_t + len(sets.benign):
+        raise ValueError(f"{len(responses)} responses for {n_h + n_t + len(sets.benign)} prompts")
     harmful_out = responses[:n_h]
     task_out = responses[n_h : n_h + n_t]
     benign_out = responses[n_h + n_t :]
