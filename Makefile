@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU wheel of this exact version is what these machines install offline; override as needed.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo miniature test lint
+.PHONY: setup demo miniature test test-fast lint
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ miniature: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# Everyday work: the math, the decisions and the error paths; the end-to-end runs marked slow are left out.
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check mergekit_safemerge tests benchmarks

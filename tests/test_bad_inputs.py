@@ -516,6 +516,7 @@ def test_report_on_a_bad_file(case, tmp_path, capsys, roles):
                    tmp_path)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_report_into_a_closed_pipe_prints_no_traceback(roles, tmp_path):
     config = write_config(tmp_path / "c.yml", roles, targets=TARGETS)
     assert run_mergekit_in_process(config, tmp_path / "out").exit_code == 0

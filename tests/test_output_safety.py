@@ -69,6 +69,7 @@ def _merge_ok(config, out, *flags):
 
 
 # ---------------------------------------------------------------- failures keep what was there
+@pytest.mark.slow
 def test_failed_run_keeps_the_users_log_and_its_own_error_message(roles, config, tmp_path):
     """``mergekit-yaml bad.yml out >> out/merge.log 2>&1`` leaves the log, error appended."""
     _poison(roles)

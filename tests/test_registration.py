@@ -45,6 +45,7 @@ def test_startup_imports_neither_torch_nor_mergekit():
     assert out == "True False"
 
 
+@pytest.mark.slow
 def test_off_switch_and_explicit_register():
     code = (
         "from mergekit.merge_methods import get\n"
@@ -63,6 +64,7 @@ def test_off_switch_and_explicit_register():
     ) == ("registered")
 
 
+@pytest.mark.slow
 def test_registry_otherwise_unchanged():
     code = (
         "from mergekit.merge_methods import registered_methods as r\n"
@@ -74,6 +76,7 @@ def test_registry_otherwise_unchanged():
     assert set(without) <= set(with_hook)
 
 
+@pytest.mark.slow
 def test_importing_our_modules_first_still_registers():
     # modules that import mergekit themselves, first thing in a fresh interpreter
     for module in ("mergekit_method", "registration", "validation", "run", "scan.measure", "cli"):
@@ -206,6 +209,7 @@ def test_pure_core_imports_no_mergekit():
     assert out == "False"
 
 
+@pytest.mark.slow
 def test_importing_our_modules_has_no_side_effect_on_mergekit():
     """With the hook off, importing the method module registers nothing and wraps nothing."""
     out = _python(
