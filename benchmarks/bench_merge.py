@@ -1,10 +1,14 @@
 """SafeMERGE against plain mergekit on the same inputs: wall time, CPU time, memory, I/O.
 
 Builds synthetic Llama-shaped models (benchmarks/synthetic.py, bfloat16, rank-8 LoRA-style
-updates, with matching PEFT adapter folders) and runs, alternating and repeated, each as a child
-process measured by benchmarks/memory.py:
+updates with matching PEFT adapter folders; or, scenario ``full``, a dense full-rank fine-tune)
+and runs, alternating and repeated, each as a child process measured by benchmarks/memory.py:
 
-* ``linear``: mergekit ``linear`` over the same four models: the floor users compare against;
+* ``io_floor``: every input model read once and one model written once, no computation
+  (benchmarks/io_floor.py): the raw I/O limit on this disk;
+* ``passthrough``: mergekit ``passthrough`` of the fine-tuned model: the floor a merge cannot beat
+  inside mergekit (one model read and written through its loader, planner and writer);
+* ``linear``: mergekit ``linear`` over the same four models: what users compare against;
 * ``safemerge``: this project on the four dense models;
 * ``naive``: SafeMERGE with the projection C formed densely (the authors' approach);
 * ``adapters``: ``safemerge`` with ``finetuned_adapter`` / ``safety_adapter`` (LoRA factors read
@@ -14,10 +18,11 @@ process measured by benchmarks/memory.py:
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_merge.py [--size 1b] [--scenario qv|all] [--repeats 3]
+    .venv/bin/python benchmarks/bench_merge.py [--size 1b] [--scenario qv|all|full] [--repeats 3]
                                                [--device cpu|cuda]
 
-Prints a table of medians and ratios to ``linear`` (same run), and writes it with the machine
+Prints a table of medians, each run's wall time as a multiple of the two floors and of
+``linear``, and the target ratios (all measured in the same run), and writes it with the machine
 description to ``benchmarks/RESULTS-perf.md`` (``--results FILE`` to write elsewhere).
 """
 
@@ -41,17 +46,21 @@ from synthetic import SHAPES, build_synthetic_roles  # noqa: E402
 HERE = Path(__file__).parent
 BIN = Path(sys.executable).parent
 GIB = 1024**3
-SCENARIOS = {
-    "qv": ("q_proj", "v_proj"),
-    "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SCENARIOS = {  # name -> (target modules, full fine-tune)
+    "qv": (("q_proj", "v_proj"), False),
+    "all": (ALL_LINEAR, False),
+    "full": (ALL_LINEAR, True),
 }
-RUNS = ("linear", "safemerge", "naive", "adapters", "lora_cache")
-# (label, run, reference run, measure, target ratio or None): the issue's targets, in one place
+RUNS = ("io_floor", "passthrough", "linear", "safemerge", "naive", "adapters", "lora_cache")
+LORA_RUNS = ("adapters", "lora_cache")  # need LoRA adapters: not in the full fine-tune scenario
+FLOORS = ("io_floor", "passthrough")
+# (label, run, reference run, measure, target ratio or None): the targets, in one place
 RATIO_CHECKS = (
-    ("safemerge wall / linear", "safemerge", "linear", "wall_s", 1.25),
+    ("safemerge wall / naive dense-C", "safemerge", "naive", "wall_s", 1.0),
+    ("safemerge wall / linear", "safemerge", "linear", "wall_s", 1.05),
     ("adapters wall / lora_cache", "adapters", "lora_cache", "wall_s", 0.6),
     ("adapters max RSS / linear", "adapters", "linear", "max_rss_bytes", 1.5),
-    ("naive dense-C wall / safemerge", "naive", "safemerge", "wall_s", None),
 )
 
 
@@ -66,6 +75,10 @@ def write_configs(paths: dict[str, str], targets: tuple[str, ...], folder: Path)
     shared = {"threshold": 0.35, "safety_weight": 0.2, "targets": ",".join(targets)}
     aligned = paths["aligned"]
     configs = {
+        "passthrough": {
+            "merge_method": "passthrough",
+            "models": [{"model": paths["finetuned"]}],
+        },
         "linear": {
             "merge_method": "linear",
             "models": [{"model": paths[r], "parameters": {"weight": 0.25}}
@@ -75,6 +88,10 @@ def write_configs(paths: dict[str, str], targets: tuple[str, ...], folder: Path)
                       "models": _role_models(paths), "parameters": shared},
         "naive": {"merge_method": "safemerge_naive", "base_model": aligned,
                   "models": _role_models(paths), "parameters": shared},
+    }  # fmt: skip
+    if "finetuned_adapter" not in paths:  # a full fine-tune: no adapter routes
+        return _write(configs, folder)
+    configs |= {
         "adapters": {
             "merge_method": "safemerge", "base_model": aligned,
             "models": [{"model": paths["unaligned"], "parameters": {"role": "unaligned"}}],
@@ -92,6 +109,10 @@ def write_configs(paths: dict[str, str], targets: tuple[str, ...], folder: Path)
             "parameters": shared,
         },
     }  # fmt: skip
+    return _write(configs, folder)
+
+
+def _write(configs: dict[str, dict], folder: Path) -> dict[str, Path]:
     files = {}
     for name, config in configs.items():
         config["dtype"] = "bfloat16"
@@ -100,7 +121,12 @@ def write_configs(paths: dict[str, str], targets: tuple[str, ...], folder: Path)
     return files
 
 
-def command(run: str, config: Path, out: Path, cache: Path, device: str) -> list[str]:
+def command(
+    run: str, config: Path, out: Path, cache: Path, device: str, paths: dict[str, str]
+) -> list[str]:
+    if run == "io_floor":
+        models = [paths[r] for r in ("finetuned", "aligned", "unaligned", "safety")]
+        return [sys.executable, str(HERE / "io_floor.py"), str(out), *models]
     flags = ["--no-copy-tokenizer", "--quiet", "--device", device]
     if run == "naive":
         return [sys.executable, str(HERE / "naive_safemerge.py"), str(config), str(out), *flags]
@@ -136,14 +162,20 @@ def main() -> None:
     parser.add_argument("--work", default="out/bench-merge", help="scratch folder (deleted after)")
     parser.add_argument("--results", default=str(HERE / "RESULTS-perf.md"))
     args = parser.parse_args()
+    shape = SHAPES[args.size]
+    targets, full_finetune = SCENARIOS[args.scenario]
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    if full_finetune:
+        runs = [r for r in runs if r not in LORA_RUNS]
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    shape, targets = SHAPES[args.size], SCENARIOS[args.scenario]
 
     started = time.perf_counter()
-    paths = build_synthetic_roles(str(work / "models"), shape, targets=targets, adapters=True)
+    paths = build_synthetic_roles(
+        str(work / "models"), shape, targets=targets, adapters=not full_finetune,
+        full_finetune=full_finetune,
+    )  # fmt: skip
     print(f"built {args.size} models ({shape.parameters() / 1e9:.2f}B parameters each) in "
           f"{time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
     configs = write_configs(paths, targets, work)
@@ -154,7 +186,8 @@ def main() -> None:
         order = runs[repeat % len(runs) :] + runs[: repeat % len(runs)]  # rotate the order
         for run in order:
             out, cache = work / f"out-{run}", work / f"cache-{run}"
-            result = run_measured(command(run, configs[run], out, cache, args.device), env=env)
+            argv = command(run, configs.get(run, Path()), out, cache, args.device, paths)
+            result = run_measured(argv, env=env)
             if result["returncode"] != 0:
                 raise SystemExit(f"{run} failed:\n{result['stderr'][-3000:]}")
             results[run].append(result)
@@ -162,11 +195,24 @@ def main() -> None:
                   f"{result['max_rss_bytes'] / GIB:5.2f} GiB", flush=True)  # fmt: skip
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(cache, ignore_errors=True)
+    text = report(args, shape, targets, full_finetune, runs, results)
+    print(text)
+    Path(args.results).write_text(text)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def report(args, shape, targets, full_finetune, runs, results) -> str:
+    """The results file: medians, multiples of the floors and of linear, the target checks."""
 
     def median(run: str, key: str) -> float:
         return statistics.median(r[key] for r in results[run])
 
-    base = "linear" if "linear" in runs else runs[0]
+    def ratio(top: str, bottom: str, key: str = "wall_s") -> str:
+        if top not in results or bottom not in results:
+            return "-"
+        return f"{median(top, key) / median(bottom, key):.2f}"
+
+    update = "dense full-rank fine-tune updates" if full_finetune else "rank-8 fine-tune updates"
     lines = [
         f"# Merge benchmark: size {args.size}, scenario {args.scenario}, device {args.device}",
         "",
@@ -174,13 +220,13 @@ def main() -> None:
         f"{time.strftime('%Y-%m-%d')}.",
         f"Machine: {machine()}.",
         f"Inputs: synthetic Llama-shaped bfloat16 models, {shape.parameters() / 1e9:.2f}B "
-        f"parameters each (hidden {shape.hidden}, {shape.layers} blocks), rank-8 updates on "
-        f"`{','.join(targets)}`; medians of {args.repeats} alternating runs; ratios to "
-        f"`{base}` from the same run.",
+        f"parameters each (hidden {shape.hidden}, {shape.layers} blocks), {update} and rank-8 "
+        f"safety updates on `{','.join(targets)}`; medians of {args.repeats} alternating runs; "
+        "every ratio from this same run.",
         "",
         "| run | wall s | CPU s | peak anon GiB | max RSS GiB | read GiB | written GiB "
-        f"| wall / {base} | max RSS / {base} |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| wall / io_floor | wall / passthrough | wall / linear | max RSS / linear |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
         lines.append(
@@ -188,26 +234,25 @@ def main() -> None:
             f"{median(run, 'peak_anon_bytes') / GIB:.2f} | "
             f"{median(run, 'max_rss_bytes') / GIB:.2f} | "
             f"{median(run, 'read_bytes') / GIB:.2f} | {median(run, 'written_bytes') / GIB:.2f} | "
-            f"{median(run, 'wall_s') / median(base, 'wall_s'):.2f} | "
-            f"{median(run, 'max_rss_bytes') / median(base, 'max_rss_bytes'):.2f} |"
+            f"{ratio(run, 'io_floor')} | {ratio(run, 'passthrough')} | {ratio(run, 'linear')} | "
+            f"{ratio(run, 'linear', 'max_rss_bytes')} |"
         )
     checks = []
     for label, top, bottom, key, target in RATIO_CHECKS:
         if {top, bottom} <= set(runs):
-            ratio = median(top, key) / median(bottom, key)
+            value = median(top, key) / median(bottom, key)
             verdict = ""
             if target is not None:
-                verdict = f" (target <= {target}): {'met' if ratio <= target else 'missed'}"
-            checks.append(f"{label} = {ratio:.2f}{verdict}")
+                verdict = f" (target <= {target}): {'met' if value <= target else 'missed'}"
+            checks.append(f"{label} = {value:.2f}{verdict}")
     lines += ["", *[f"- {c}" for c in checks], ""]
-    lines.append("Read and written bytes are storage I/O from /proc (page-cache hits are free), "
-                 "sampled every 20 ms; max RSS is the kernel's exact figure for each child; peak "
+    lines.append("io_floor reads every input model once and writes one model once (no "
+                 "computation); passthrough copies the fine-tuned model through mergekit. Read and "
+                 "written bytes are storage I/O from /proc (page-cache hits are free), sampled "
+                 "every 20 ms; max RSS is the kernel's exact figure for each child; peak "
                  "anonymous memory is sampled RssAnon (mmap'd safetensors pages count in RSS, "
                  "not in it).")  # fmt: skip
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.results).write_text(text)
-    shutil.rmtree(work, ignore_errors=True)
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -85,13 +85,18 @@ def build_synthetic_roles(
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
     adapters: bool = False,
+    full_finetune: bool = False,
 ) -> dict[str, str]:
     """Write the four role folders (sharded safetensors + index + config); return their paths.
 
     With ``adapters``, also write PEFT LoRA adapter folders ``finetuned_adapter`` and
     ``safety_adapter`` (``lora_alpha = r``, so ``D = B A``) whose merge into ``aligned`` gives
-    the ``finetuned`` and ``safety`` models (up to their dtype).
+    the ``finetuned`` and ``safety`` models (up to their dtype). With ``full_finetune`` the
+    fine-tune's update of every target matrix is dense and full rank (a full fine-tune; no
+    adapter can express it), the safety update stays rank ``r``.
     """
+    if full_finetune and adapters:
+        raise ValueError("a full fine-tune has no LoRA adapter")
     from safetensors.torch import save_file
 
     generator = torch.Generator().manual_seed(seed)
@@ -134,6 +139,9 @@ def build_synthetic_roles(
                 out_f, in_f = size
                 module = f"model.layers.{layer}.{suffix.removesuffix('.weight')}"
                 for role in ("finetuned", "safety"):
+                    if role == "finetuned" and full_finetune:
+                        roles[role] = aligned + randn(out_f, in_f, scale=0.001)
+                        continue
                     up, down = randn(out_f, rank, scale=0.01), randn(rank, in_f, scale=0.01)
                     roles[role] = aligned + up @ down
                     if adapters:

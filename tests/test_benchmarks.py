@@ -12,19 +12,40 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_bench_merge_smoke(tmp_path):
+@pytest.mark.parametrize(
+    ("scenario", "runs"),
+    [("qv", ("io_floor", "passthrough", "linear", "safemerge", "naive", "adapters")),
+     ("full", ("io_floor", "safemerge", "naive"))],
+)  # fmt: skip
+def test_bench_merge_smoke(scenario, runs, tmp_path):
     results = tmp_path / "perf.md"
     subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_merge.py"), "--size", "tiny",
-         "--repeats", "1", "--runs", "linear,safemerge,naive,adapters",
+         "--scenario", scenario, "--repeats", "1", "--runs", ",".join(runs),
          "--work", str(tmp_path / "work"), "--results", str(results)],
         check=True, capture_output=True, timeout=600,
     )  # fmt: skip
     text = results.read_text()
-    for run in ("linear", "safemerge", "naive", "adapters"):
+    for run in runs:
         assert f"| {run} |" in text
-    assert "safemerge wall / linear" in text and "adapters max RSS / linear" in text
+    assert "safemerge wall / naive dense-C" in text
+    if scenario == "qv":
+        assert "safemerge wall / linear" in text and "adapters max RSS / linear" in text
     assert not (tmp_path / "work").exists()
+
+
+def test_synthetic_full_finetune_is_full_rank(tmp_path):
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from helpers import load_state
+    from synthetic import SHAPES, build_synthetic_roles
+
+    paths = build_synthetic_roles(str(tmp_path), SHAPES["tiny"], dtype=torch.float32,
+                                  targets=("q_proj",), full_finetune=True)  # fmt: skip
+    name = "model.layers.0.self_attn.q_proj.weight"
+    delta = load_state(paths["finetuned"])[name] - load_state(paths["aligned"])[name]
+    assert int(torch.linalg.matrix_rank(delta)) == min(delta.shape)
 
 
 def test_synthetic_adapters_reproduce_the_finetuned_model(tmp_path):
