@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +167,60 @@ def test_adapter_for_another_model_is_caught_before_loading(tiny_roles, tmp_path
     assert result.exit_code == 1
     last = result.output.strip().splitlines()[-1]
     assert "model.layers.2.self_attn.q_proj.weight, which aligned model" in last
+
+
+def _fill_hub_cache(cache: Path, repo_id: str, folder: str, commit: str) -> None:
+    """Put an adapter folder into huggingface_hub's cache layout (blobs, snapshot links, ref)."""
+    import hashlib
+    import shutil
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        data = Path(folder, name).read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        shutil.copyfile(Path(folder, name), blob)
+        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+@pytest.mark.slow
+def test_hub_adapter_ids_resolve_offline_from_the_hub_cache(tiny_roles, lora_adapters, tmp_path):
+    """``org/name`` and ``org/name@revision`` go through huggingface_hub, honouring
+    HF_HUB_OFFLINE and its cache; the merge equals the one from local folders."""
+    tiny = tiny_roles("llama")
+    cache, commit = tmp_path / "hub", "0123456789abcdef0123456789abcdef01234567"
+    _fill_hub_cache(cache, "tiny-org/task-lora", lora_adapters["finetuned"], commit)
+    _fill_hub_cache(cache, "tiny-org/safety-lora", lora_adapters["safety"], commit)
+    roles = {"aligned": tiny.paths["aligned"], "unaligned": tiny.paths["unaligned"]}
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    hub = write_config(tmp_path / "hub.yml", roles, targets=TARGETS, threshold=0.6,
+                       finetuned_adapter="tiny-org/task-lora",
+                       safety_adapter=f"tiny-org/safety-lora@{commit}")  # fmt: skip
+    result = run_mergekit(hub, tmp_path / "from-hub", env=env)
+    assert result.returncode == 0, result.stderr
+    local = write_config(tmp_path / "local.yml", roles, targets=TARGETS, threshold=0.6,
+                         finetuned_adapter=lora_adapters["finetuned"],
+                         safety_adapter=lora_adapters["safety"])  # fmt: skip
+    assert run_mergekit_in_process(local, tmp_path / "from-folders").exit_code == 0
+    from_hub, from_folders = (
+        load_state(tmp_path / "from-hub"),
+        load_state(tmp_path / "from-folders"),
+    )
+    assert all(torch.equal(from_hub[name], from_folders[name]) for name in from_folders)
+    report = json.loads((tmp_path / "from-hub" / "safemerge_report.json").read_text())
+    assert report["models"]["finetuned"].endswith("+tiny-org/task-lora (LoRA factors)")
+    # an id that is not in the cache, offline: one line
+    missing = write_config(tmp_path / "missing.yml", roles, targets=TARGETS,
+                           finetuned_adapter="tiny-org/absent-lora",
+                           safety_adapter="tiny-org/safety-lora")  # fmt: skip
+    result = run_mergekit(missing, tmp_path / "out", env=env)
+    assert result.returncode == 1 and not (tmp_path / "out").exists()
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Error: safemerge: parameters.finetuned_adapter: no folder tiny-org/absent-lora, and Hub "
+        "adapter tiny-org/absent-lora is not in the local Hub cache (offline, or the Hub is "
+        "unreachable)"
+    )
