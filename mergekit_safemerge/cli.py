@@ -87,6 +87,16 @@ def _one_line_errors(command: str, verbosity: int = 0) -> Iterator[None]:
         raise click.ClickException(
             f"safemerge {command}: {describe_os_error(error, str(target))}"
         ) from None
+    except (click.ClickException, click.exceptions.Exit, click.Abort):
+        raise
+    except Exception as error:  # anything else a library raised: one line, traceback with -v
+        if verbosity:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        raise click.ClickException(
+            f"safemerge {command}: {type(error).__name__}: {message} (run with -v for the "
+            "traceback)"
+        ) from None
 
 
 @click.group(context_settings=CONTEXT)
@@ -96,6 +106,7 @@ def cli() -> None:
 
     \b
     Merge:   mergekit-yaml my-safemerge.yml out/      (stock mergekit, method `safemerge`)
+    Adapter: safemerge adapter my-safemerge.yml out/  (the same merge as a PEFT LoRA adapter)
     Inspect: safemerge scan my-safemerge.yml          (rho of every matrix, threshold sweep)
              safemerge report out/                    (summary of a finished merge)
     Score:   safemerge eval out/ --harmful h.txt --task t.jsonl
@@ -173,6 +184,57 @@ def scan_command(merge_options, config_file: str, out: str) -> None:
     click.echo(terminal_sweep(document))
     written = ", ".join(os.path.join(out, name) for name in document["files"])
     click.echo(f"\nwrote {written}")
+
+
+# ---------------------------------------------------------------- adapter
+@cli.command("adapter", cls=_command_class(), context_settings=CONTEXT)
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.argument("out_path", type=click.Path())
+@click.option(
+    "--compact/--uniform-rank",
+    default=False,
+    show_default=True,
+    help="Per-module ranks through rank_pattern, or one rank for every module (what every "
+    "loader and server reads)",
+)
+@_mergekit_options(
+    "allow_crimes", "transformers_cache", "trust_remote_code", "cuda", "device",
+    "low_cpu_memory", "read_to_gpu", "lazy_unpickle", "num_threads", "random_seed",
+    "write_model_card", "quiet", "verbosity",
+)  # fmt: skip
+def adapter_command(merge_options, config_file: str, out_path: str, compact: bool) -> None:
+    """Write SafeMERGE's result as one PEFT LoRA adapter instead of a full model.
+
+    Takes the recipe mergekit-yaml takes, with the fine-tuned and safety roles as LoRA
+    adapters on the aligned model (finetuned_adapter / safety_adapter, or aligned+adapter, read
+    here as factors). Decides every module as mergekit-yaml does and writes adapter_config.json,
+    adapter_model.safetensors, safemerge_report.json and a model card. A merged module holds
+    (1 - a) D + a S exactly (rank r_f + r_s); a kept module the fine-tune's update.
+
+    \b
+    Example:
+      safemerge adapter recipes/llama3.1-8b-instruct-safemerge.yml out/safe-gsm8k-lora
+      # then, in Python: PeftModel.from_pretrained(aligned_model, "out/safe-gsm8k-lora")
+    """
+    from mergekit_safemerge.adapter_output import run_adapter
+    from mergekit_safemerge.report import terminal_summary
+    from mergekit_safemerge.validation import read_config
+
+    merge_options.apply_global_options()
+    with (
+        _one_line_errors("adapter", merge_options.verbosity),
+        _library_noise(merge_options.verbosity),
+    ):
+        config, _text = read_config(config_file)
+        document = run_adapter(config, out_path, merge_options, compact=compact)
+    if not merge_options.quiet:
+        adapter = document["adapter"]
+        click.echo(terminal_summary(document))
+        click.echo(
+            f"  adapter: rank {adapter['rank']}"
+            + ("" if adapter["uniform_rank"] else " with rank_pattern")
+            + f", {adapter['modules']} modules -> {out_path}"
+        )
 
 
 # ---------------------------------------------------------------- report

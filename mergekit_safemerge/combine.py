@@ -163,6 +163,23 @@ def authors_linear_combine(
     return _add(merged, authors_linear_factors(delta, safety_delta, safety_weight), 1.0)
 
 
+def linear_factors(
+    delta: LoraFactors, safety_delta: LoraFactors, safety_weight: float
+) -> LoraFactors:
+    """The paper's update ``(1 - a) D + a S`` exactly as one LoRA of rank ``r_f + r_s``.
+
+    ``[(1 - a) L_f, a L_s] @ [R_f; R_s] = (1 - a) L_f R_f + a L_s R_s`` (scalings already in
+    ``L = s B``); the result has scaling 1. A factor of rank 0 (an adapter that does not touch the
+    module) adds nothing.
+    """
+    a = float(safety_weight)
+    left = torch.cat(
+        [(1.0 - a) * delta.left.to(WORK_DTYPE), a * safety_delta.left.to(WORK_DTYPE)], 1
+    )
+    right = torch.cat([delta.right.to(WORK_DTYPE), safety_delta.right.to(WORK_DTYPE)], 0)
+    return LoraFactors(left, right, scaling=1.0)
+
+
 CombineRule = Callable[[torch.Tensor, Update, Update, CombineSettings], torch.Tensor]
 
 COMBINE_RULES: dict[str, CombineRule] = {
@@ -177,3 +194,13 @@ COMBINE_RULES: dict[str, CombineRule] = {
 
 NEEDS_FACTORS = frozenset({"authors_linear"})
 """Rules defined only when both ``D`` and ``S`` are given as LoRA factors."""
+
+FactorRule = Callable[[LoraFactors, LoraFactors, CombineSettings], LoraFactors]
+
+FACTOR_RULES: dict[str, FactorRule] = {
+    "linear": lambda d, s, c: linear_factors(d, s, c.safety_weight),
+    "authors_linear": lambda d, s, c: authors_linear_factors(d, s, c.safety_weight),
+}
+"""The rules with an exact low-rank form: the merged update as LoRA factors (``safemerge
+adapter``). ``dare_linear`` and ``ties`` have none: a random or sign mask of ``B A`` is not a
+product of smaller factors."""

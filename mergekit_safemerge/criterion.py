@@ -14,8 +14,10 @@ Notation (one weight matrix, shape ``out x in``):
 
 so ``rho = <P, D>_F / (||P||_F ||D||_F)``: the ``1/||V||_F`` cancels and ``rho`` is invariant to
 the scale of ``D`` and to its sign. ``P`` is formed in the cheaper order,
-``(V V^T) D`` when ``out < in`` and ``V (V^T D)`` otherwise, so the only intermediate is
-``min(out, in)`` squared and the cost is ``2 * out * in * min(out, in)`` multiply-adds.
+``(V V^T) D`` when ``out <= in`` (the symmetric Gram ``V V^T`` by its upper blocks only) and
+``V (V^T D)`` otherwise, so the only intermediate is ``min(out, in)`` squared and the cost is at
+most ``2 * out * in * min(out, in)`` multiply-adds (about ``1.6 * out^2 * in`` when
+``out <= in``).
 
 Low-rank path. When ``D = L R`` with ``L`` (``out x r``) and ``R`` (``r x in``), every term
 reduces to ``r x r`` Gram matrices (``M = V^T L``, ``G = R R^T``):
@@ -39,8 +41,32 @@ import torch
 from mergekit_safemerge.updates import WORK_DTYPE, LoraFactors, Update
 
 
+def symmetric_gram(matrix: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """``X X^T`` (``rows x rows``) computing only the blocks on and above the diagonal.
+
+    With ``blocks`` row blocks, ``blocks (blocks + 1) / 2`` of the ``blocks^2`` block products are
+    formed and the others copied transposed: about 62% of the multiply-adds of ``X @ X.T`` for 4
+    blocks, with the same float32 products. Small matrices take the plain product.
+    """
+    rows = matrix.shape[0]
+    if rows < 512:
+        return matrix @ matrix.T
+    edges = [round(i * rows / blocks) for i in range(blocks + 1)]
+    parts = [matrix[edges[i] : edges[i + 1]] for i in range(blocks)]
+    gram = torch.empty(rows, rows, dtype=matrix.dtype, device=matrix.device)
+    for i in range(blocks):
+        for j in range(i, blocks):
+            block = parts[i] @ parts[j].T
+            gram[edges[i] : edges[i + 1], edges[j] : edges[j + 1]] = block
+            if i != j:
+                gram[edges[j] : edges[j + 1], edges[i] : edges[i + 1]] = block.T
+    return gram
+
+
 def alignment_projection(delta: torch.Tensor, alignment: torch.Tensor) -> torch.Tensor:
-    """``P = V V^T D`` (``out x in``, float32), i.e. ``||V||_F * C D``, in the cheaper order."""
+    """``P = V V^T D`` (``out x in``, float32), i.e. ``||V||_F * C D``, in the cheaper order:
+    ``(V V^T) D`` with the symmetric Gram formed by halves when ``out <= in``, else
+    ``V (V^T D)``."""
     d = delta.to(WORK_DTYPE)
     v = alignment.to(WORK_DTYPE)
     if d.ndim != 2 or d.shape != v.shape:
@@ -49,8 +75,8 @@ def alignment_projection(delta: torch.Tensor, alignment: torch.Tensor) -> torch.
             f"and {tuple(v.shape)}"
         )
     out_features, in_features = d.shape
-    if out_features < in_features:
-        return (v @ v.T) @ d  # out x out Gram, then out*out*in
+    if out_features <= in_features:
+        return symmetric_gram(v) @ d  # ~0.6 out*out*in, then out*out*in
     return v @ (v.T @ d)  # in x in, then out*in*in
 
 

@@ -160,18 +160,19 @@ def _finetuned_weight(
     aligned = entries[ALIGNED].tensor
     if delta_factors is None:
         return aligned
-    return aligned.to(WORK_DTYPE).addmm_(delta_factors.left, delta_factors.right).to(aligned.dtype)
+    # out of place: mergekit may hand the same aligned tensor to other tasks (or runs)
+    weight = torch.addmm(aligned.to(WORK_DTYPE), delta_factors.left, delta_factors.right)
+    return weight.to(aligned.dtype)
 
 
 def _update(
     entries: dict[str, TensorEntry], role: str, factors: LoraFactors | None, base: torch.Tensor
 ) -> Update:
-    """``W_role - W_aligned`` (float32), or the adapter's factors (0 if it skips the tensor)."""
+    """``W_role - W_aligned`` (float32), or the adapter's factors (rank 0 if it skips the
+    tensor)."""
     if role in entries:
         return entries[role].tensor - base
-    if factors is not None:
-        return factors
-    return torch.zeros_like(base)
+    return factors if factors is not None else LoraFactors.empty(base)
 
 
 def _name_non_finite(name: str, entries: dict[str, TensorEntry], adapters: dict[str, str]) -> None:
@@ -243,6 +244,11 @@ class SafeMergeMethod(GroupMergeMethod):
         factors = {r: _adapter_update(s, r, name, aligned) for r, s in needed.items()}
         delta_factors = factors.get("finetuned")
         if not candidate:
+            session = current_session()
+            if session is not None and session.factor_output:
+                if delta_factors is not None:  # kept as fine-tuned: its update goes out as is
+                    session.add_factors(name, delta_factors)
+                return aligned.tensor
             output = _finetuned_weight(entries, delta_factors)
             source = str(entries["finetuned"].id) if "finetuned" in entries else "the fine-tune"
             _check_finite_output(name, output, f"model {source} (finetuned)")
@@ -250,6 +256,7 @@ class SafeMergeMethod(GroupMergeMethod):
 
         session = current_session()
         measure_only = session is not None and session.measure_only
+        factor_output = session is not None and session.factor_output and not measure_only
         base = aligned.tensor.to(WORK_DTYPE)
         settings = RuleSettings(
             threshold=threshold,
@@ -262,20 +269,26 @@ class SafeMergeMethod(GroupMergeMethod):
             seed=tensor_seed(torch.initial_seed(), name),
         )
         finetuned = entries.get("finetuned")
+        delta = _update(entries, "finetuned", delta_factors, base)
         try:
             result = apply_rule(
                 name,
                 base,
                 entries["unaligned"].tensor,
-                _update(entries, "finetuned", delta_factors, base),
+                delta,
                 _update(entries, "safety", factors.get("safety"), base),
                 settings,
                 ranking=None if session is None else session.ranking,
                 measure_only=measure_only,
                 detect_low_rank=finetuned is None or may_be_exactly_low_rank(finetuned.tensor),
+                as_factors=factor_output,
             )
         except NonFiniteInput:
             _name_non_finite(name, entries, adapters)
+        if factor_output:  # safemerge adapter: the update as factors; nothing is written
+            update = result.output if result.output is not None else delta
+            session.add(result.record, update if result.record.delta_norm > 0 else None)
+            return aligned.tensor
         if session is not None:
             session.add(result.record)
         if result.output is None:

@@ -20,12 +20,18 @@ from dataclasses import dataclass
 
 import torch
 
-from mergekit_safemerge.combine import COMBINE_RULES, CombineSettings
+from mergekit_safemerge.combine import COMBINE_RULES, FACTOR_RULES, CombineSettings
 from mergekit_safemerge.criterion import Criterion, alignment_criterion
 from mergekit_safemerge.decide import Decision, decide
 from mergekit_safemerge.errors import SafeMergeError
 from mergekit_safemerge.records import KEPT, MERGED, MatrixRecord
-from mergekit_safemerge.updates import WORK_DTYPE, Update, squared_norm, update_cosine
+from mergekit_safemerge.updates import (
+    WORK_DTYPE,
+    LoraFactors,
+    Update,
+    squared_norm,
+    update_cosine,
+)
 
 
 class NonFiniteInput(SafeMergeError):
@@ -61,9 +67,12 @@ class Measurement:
 
 @dataclass(frozen=True)
 class RuleResult:
-    """The output matrix (None: keep the fine-tuned weight unchanged) and the record."""
+    """The output (None: keep the fine-tuned weight unchanged) and the record.
 
-    output: torch.Tensor | None
+    The output is the merged matrix, or with ``as_factors`` the merged update as LoRA factors.
+    """
+
+    output: torch.Tensor | LoraFactors | None
     record: MatrixRecord
 
 
@@ -110,12 +119,26 @@ def combine(
         raise SafeMergeError(
             f"parameters.combine {rule!r} is not one of {', '.join(COMBINE_RULES)}"
         )
-    return function(
-        aligned,
-        delta,
-        safety_delta,
-        CombineSettings(settings.safety_weight, settings.density, settings.seed),
-    )
+    return function(aligned, delta, safety_delta, _combine_settings(settings))
+
+
+def combine_factors(
+    rule: str, delta: LoraFactors, safety_delta: LoraFactors, settings: RuleSettings
+) -> LoraFactors:
+    """``mix(D, S)`` exactly as LoRA factors, for the rules that have a low-rank form."""
+    function = FACTOR_RULES.get(rule)
+    if function is None:
+        raise SafeMergeError(
+            f"parameters.combine {rule!r} has no exact low-rank form (one of "
+            f"{', '.join(FACTOR_RULES)} writes an adapter)"
+        )
+    if not (isinstance(delta, LoraFactors) and isinstance(safety_delta, LoraFactors)):
+        raise SafeMergeError("an adapter output needs both updates as LoRA factors")
+    return function(delta, safety_delta, _combine_settings(settings))
+
+
+def _combine_settings(settings: RuleSettings) -> CombineSettings:
+    return CombineSettings(settings.safety_weight, settings.density, settings.seed)
 
 
 def record_of(
@@ -156,6 +179,7 @@ def apply_rule(
     ranking: Mapping[str, str] | None = None,
     measure_only: bool = False,
     detect_low_rank: bool = True,
+    as_factors: bool = False,
 ) -> RuleResult:
     """SafeMERGE for one candidate matrix.
 
@@ -164,7 +188,8 @@ def apply_rule(
     selection of a ranking mode (:func:`~mergekit_safemerge.decide.rank_matrices`);
     ``measure_only`` records the threshold decision and merges nothing (the scan, and the
     first pass of a ranking mode). The output is None when the matrix keeps its fine-tuned
-    weight.
+    weight; with ``as_factors`` a merged matrix's output is its update ``mix(D, S)`` as LoRA
+    factors (both updates must be factors), not the matrix.
     """
     base = aligned.to(WORK_DTYPE)
     alignment = base - unaligned
@@ -183,4 +208,6 @@ def apply_rule(
     record = record_of(name, shape, found, decision, settings)
     if measure_only or not decision.merged:
         return RuleResult(None, record)
+    if as_factors:
+        return RuleResult(combine_factors(settings.combine, delta, safety_delta, settings), record)
     return RuleResult(combine(settings.combine, base, delta, safety_delta, settings), record)

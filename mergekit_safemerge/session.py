@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from mergekit_safemerge.records import MatrixRecord
+from mergekit_safemerge.updates import LoraFactors
 
 
 @dataclass
@@ -23,13 +24,22 @@ class MergeSession:
 
     measure_only: bool = False  # record rho and the threshold decision; write nothing merged
     ranking: dict[str, str] | None = None  # tensor name -> reason, from a ranking mode
+    factor_output: bool = False  # safemerge adapter: collect each update as LoRA factors
     records: list[MatrixRecord] = field(default_factory=list)
+    factors: dict[str, LoraFactors] = field(default_factory=dict)  # tensor name -> its update
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, record: MatrixRecord) -> None:
+    def add(self, record: MatrixRecord, factors: LoraFactors | None = None) -> None:
         """Thread-safe: mergekit may execute tensors in several threads."""
         with self._lock:
             self.records.append(record)
+            if factors is not None:
+                self.factors[record.name] = factors
+
+    def add_factors(self, name: str, factors: LoraFactors) -> None:
+        """An update kept as it is (a tensor that is not a candidate), for the adapter output."""
+        with self._lock:
+            self.factors[name] = factors
 
 
 _active: MergeSession | None = None

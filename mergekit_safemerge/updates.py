@@ -42,6 +42,16 @@ class LoraFactors:
         """The dense update ``L R`` (float32)."""
         return self.left.to(WORK_DTYPE) @ self.right.to(WORK_DTYPE)
 
+    @classmethod
+    def empty(cls, like: torch.Tensor) -> LoraFactors:
+        """Rank-0 factors of ``like``'s shape: the update of an adapter that skips the module."""
+        out_features, in_features = like.shape
+        device = like.device
+        return cls(
+            torch.zeros(out_features, 0, dtype=WORK_DTYPE, device=device),
+            torch.zeros(0, in_features, dtype=WORK_DTYPE, device=device),
+        )
+
     def to(self, device: torch.device | str) -> LoraFactors:
         return LoraFactors(
             self.left.to(device=device, dtype=WORK_DTYPE),

@@ -204,3 +204,13 @@ def test_factored_degenerate_cases():
     assert factored_alignment_cosine(torch.zeros(80, 3), right, torch.randn(80, 90)) == 0.0
     with pytest.raises(ValueError, match="do not make"):
         factored_alignment_cosine(left, right, torch.zeros(90, 80))
+
+
+@pytest.mark.parametrize("shape", [(600, 700), (513, 513), (64, 90), (1030, 1030)])
+def test_symmetric_gram_is_the_full_product(shape):
+    from mergekit_safemerge.criterion import symmetric_gram
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(shape[0]))
+    assert torch.allclose(symmetric_gram(x), x @ x.T, rtol=1e-5, atol=1e-3)
+    gram = symmetric_gram(x)
+    assert torch.equal(gram, gram.T)

@@ -243,3 +243,29 @@ def test_non_finite_outside_the_candidates_stops_the_run(name, axis, targets):
     m["unaligned"][0, 0] = float("nan")
     vocab = _run(_group(m, name="model.embed_tokens.weight", vocabulary_axis=0))
     assert torch.equal(vocab, m["finetuned"])
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0])
+@pytest.mark.parametrize("name", ["model.layers.0.self_attn.q_proj.weight", "model.norm.weight"])
+def test_the_binding_never_modifies_its_inputs(threshold, name, tiny_roles, lora_adapters):
+    """mergekit may hand one loaded tensor to several tasks: inputs must come back untouched."""
+    m = _matrices(shape=(64, 64))
+    if name.endswith("norm.weight"):
+        m = {k: t[0].clone() for k, t in m.items()}
+    inputs = {k: t.clone() for k, t in m.items()}
+    _run(_group(m, name=name), threshold=threshold, combine="linear")
+    assert all(torch.equal(m[k], inputs[k]) for k in m)
+    # with the fine-tune as an adapter, the aligned weight plus s B A is formed out of place
+    ids = ("aligned", "unaligned", "safety")
+    group = TensorGroup.from_tensors(
+        [m[i] for i in ids], ids=ids, base_index=0, name=name, vocabulary_axis=None
+    )
+    parameters = {
+        "role": {"unaligned": "unaligned", "safety": "safety"},
+        "threshold": threshold,
+        "safety_weight": 0.2,
+        "finetuned_adapter": lora_adapters["finetuned"],
+    }
+    if m["aligned"].ndim == 2:
+        SAFEMERGE([group], parameters=parameters)
+        assert all(torch.equal(m[k], inputs[k]) for k in m)

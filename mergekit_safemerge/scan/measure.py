@@ -1,14 +1,16 @@
-"""The measuring pass: mergekit's own plan, run in memory with the method measuring only.
+"""Passes of mergekit's own plan, run in memory with the method measuring or collecting.
 
-Same architecture handling, LoRA merging, lazy loaders, ``filter:`` values, dtype and device as
-the merge: each candidate's ``rho`` and norms are recorded and its tensor dropped at once, so peak
-memory stays at a few tensors, as in a merge. Vocabulary tensors (embeddings, ``lm_head``) are
-never candidates and are not even read; with a plain ``targets`` string neither are the tensors
-outside it.
+Same architecture handling, lazy loaders, ``filter:`` values, gradients, dtype and device as the
+merge; each tensor's inputs are read, handed to the method and dropped at once, so peak memory
+stays at a few tensors, as in a merge. Used by ``safemerge scan`` and the first pass of the ranking
+selection modes (:func:`measure_candidates`) and by ``safemerge adapter``, which collects every
+update as LoRA factors (:func:`run_in_memory` with a factor-collecting session). Vocabulary
+tensors (embeddings, ``lm_head``) are never read.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from mergekit_safemerge.records import MatrixRecord, sort_records
@@ -22,10 +24,16 @@ def plain_targets(settings: dict[str, Any]) -> str | None:
     return targets if isinstance(targets, str) else None
 
 
-def measure_candidates(
-    merge_config, options, *, targets: str | None = None, desc: str = "SafeMERGE scan"
-) -> list[MatrixRecord]:
-    """One record per candidate (threshold decisions), in model order; nothing is written."""
+def run_in_memory(
+    merge_config,
+    options,
+    session: MergeSession,
+    *,
+    keep: Callable[[str], bool],
+    desc: str,
+) -> list[str]:
+    """Execute the plan's tasks of the non-vocabulary tensors whose name passes ``keep`` with
+    ``session`` active; returns the names of every non-vocabulary weight of the output model."""
     from mergekit.architecture import get_architecture_info
     from mergekit.graph import Executor
     from mergekit.io.tasks import LoaderCache
@@ -44,18 +52,34 @@ def measure_candidates(
     # task field), so run the per-tensor tasks of the plan directly: the executor streams them
     # and drops each result after use.
     planner._plan()
-    modules = parse_targets(targets) if targets else ()
+    weights = [weight for weight, _task in planner._tensors if weight.vocabulary_axis is None]
     tasks = [
         task
         for weight, task in planner._tensors
-        if weight.vocabulary_axis is None and matches_targets(weight.name, modules)
+        if weight.vocabulary_axis is None and keep(weight.name)
     ]
     executor = Executor(
         targets=tasks,
         math_device=options.device,
         storage_device=options.device if options.low_cpu_memory else "cpu",
     )
-    with active_session(MergeSession(measure_only=True)) as session:
+    with active_session(session):
         for _task, _tensor in executor.run(quiet=options.quiet, desc=desc):
             pass
+    return [weight.name for weight in weights]
+
+
+def measure_candidates(
+    merge_config, options, *, targets: str | None = None, desc: str = "SafeMERGE scan"
+) -> list[MatrixRecord]:
+    """One record per candidate (threshold decisions), in model order; nothing is written.
+
+    ``targets`` (the plain top-level ``targets`` setting, if any) lets the pass skip reading
+    tensors that cannot be candidates; with filters the method decides per tensor.
+    """
+    modules = parse_targets(targets) if targets else ()
+    session = MergeSession(measure_only=True)
+    run_in_memory(
+        merge_config, options, session, keep=lambda name: matches_targets(name, modules), desc=desc
+    )
     return sort_records(session.records)
