@@ -14,7 +14,9 @@ and runs, alternating and repeated, each as a child process measured by benchmar
 * ``adapters``: ``safemerge`` with ``finetuned_adapter`` / ``safety_adapter`` (LoRA factors read
   directly; only the aligned and unaligned models are full models);
 * ``lora_cache``: ``safemerge`` with ``aligned+adapter`` inputs through mergekit's
-  ``--lora-merge-cache`` (PEFT merges two full copies first; a fresh cache each run).
+  ``--lora-merge-cache`` (PEFT merges two full copies first; a fresh cache each run);
+* ``adapter_out``: ``safemerge adapter`` on the recipe of ``adapters``: the same decisions written
+  as a PEFT LoRA adapter instead of a full model.
 
 Usage::
 
@@ -52,8 +54,11 @@ SCENARIOS = {  # name -> (target modules, full fine-tune)
     "all": (ALL_LINEAR, False),
     "full": (ALL_LINEAR, True),
 }
-RUNS = ("io_floor", "passthrough", "linear", "safemerge", "naive", "adapters", "lora_cache")
-LORA_RUNS = ("adapters", "lora_cache")  # need LoRA adapters: not in the full fine-tune scenario
+RUNS = (
+    "io_floor", "passthrough", "linear", "safemerge", "naive", "adapters", "lora_cache",
+    "adapter_out",
+)  # fmt: skip
+LORA_RUNS = ("adapters", "lora_cache", "adapter_out")  # not in the full fine-tune scenario
 FLOORS = ("io_floor", "passthrough")
 # (label, run, reference run, measure, target ratio or None): the targets, in one place
 RATIO_CHECKS = (
@@ -61,7 +66,9 @@ RATIO_CHECKS = (
     ("safemerge wall / linear", "safemerge", "linear", "wall_s", 1.05),
     ("adapters wall / lora_cache", "adapters", "lora_cache", "wall_s", 0.6),
     ("adapters max RSS / linear", "adapters", "linear", "max_rss_bytes", 1.5),
-)
+    ("adapter_out wall / adapters (full model, same recipe)", "adapter_out", "adapters", "wall_s",
+     0.1),
+)  # fmt: skip
 
 
 def _role_models(paths: dict[str, str]) -> list[dict]:
@@ -127,6 +134,9 @@ def command(
     if run == "io_floor":
         models = [paths[r] for r in ("finetuned", "aligned", "unaligned", "safety")]
         return [sys.executable, str(HERE / "io_floor.py"), str(out), *models]
+    if run == "adapter_out":
+        return [str(BIN / "safemerge"), "adapter", str(config), str(out), "--quiet",
+                "--device", device]  # fmt: skip
     flags = ["--no-copy-tokenizer", "--quiet", "--device", device]
     if run == "naive":
         return [sys.executable, str(HERE / "naive_safemerge.py"), str(config), str(out), *flags]
@@ -186,7 +196,8 @@ def main() -> None:
         order = runs[repeat % len(runs) :] + runs[: repeat % len(runs)]  # rotate the order
         for run in order:
             out, cache = work / f"out-{run}", work / f"cache-{run}"
-            argv = command(run, configs.get(run, Path()), out, cache, args.device, paths)
+            config = configs.get("adapters" if run == "adapter_out" else run, Path())
+            argv = command(run, config, out, cache, args.device, paths)
             result = run_measured(argv, env=env)
             if result["returncode"] != 0:
                 raise SystemExit(f"{run} failed:\n{result['stderr'][-3000:]}")

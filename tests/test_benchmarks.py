@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("scenario", "runs"),
-    [("qv", ("io_floor", "passthrough", "linear", "safemerge", "naive", "adapters")),
+    [("qv", ("io_floor", "passthrough", "linear", "safemerge", "naive", "adapters",
+             "adapter_out")),
      ("full", ("io_floor", "safemerge", "naive"))],
 )  # fmt: skip
 def test_bench_merge_smoke(scenario, runs, tmp_path):
