@@ -14,7 +14,7 @@ Notation (one weight matrix, shape ``out x in``):
 
 so ``rho = <P, D>_F / (||P||_F ||D||_F)``: the ``1/||V||_F`` cancels and ``rho`` is invariant to
 the scale of ``D`` and to its sign. ``P`` is formed in the cheaper order,
-``(V V^T) D`` when ``out <= in`` (the symmetric Gram ``V V^T`` by its upper blocks only) and
+``(V V^T) D`` when ``out <= in`` (from the blocks of ``V V^T`` on and above the diagonal) and
 ``V (V^T D)`` otherwise, so the only intermediate is ``min(out, in)`` squared and the cost is at
 most ``2 * out * in * min(out, in)`` multiply-adds (about ``1.6 * out^2 * in`` when
 ``out <= in``).
@@ -41,31 +41,33 @@ import torch
 from mergekit_safemerge.updates import WORK_DTYPE, LoraFactors, Update
 
 
-def symmetric_gram(matrix: torch.Tensor, blocks: int = 4) -> torch.Tensor:
-    """``X X^T`` (``rows x rows``) computing only the blocks on and above the diagonal.
+def gram_product(matrix: torch.Tensor, other: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """``X X^T Y`` (``rows x cols``) from the blocks of the symmetric ``X X^T`` on and above the
+    diagonal only.
 
-    With ``blocks`` row blocks, ``blocks (blocks + 1) / 2`` of the ``blocks^2`` block products are
-    formed and the others copied transposed: about 62% of the multiply-adds of ``X @ X.T`` for 4
-    blocks, with the same float32 products. Small matrices take the plain product.
+    With row blocks ``X_i`` and ``Y_i``: ``G_ij = X_i X_j^T`` for ``i <= j`` (``blocks (blocks + 1)
+    / 2`` of the ``blocks^2`` products, about 62% of ``X @ X.T`` for 4 blocks), then
+    ``P_i += G_ij Y_j`` and ``P_j += G_ij^T Y_i`` (BLAS reads the transpose in place: no copy,
+    and ``X X^T`` is never stored whole). Small matrices take the plain products.
     """
     rows = matrix.shape[0]
     if rows < 512:
-        return matrix @ matrix.T
+        return (matrix @ matrix.T) @ other
     edges = [round(i * rows / blocks) for i in range(blocks + 1)]
-    parts = [matrix[edges[i] : edges[i + 1]] for i in range(blocks)]
-    gram = torch.empty(rows, rows, dtype=matrix.dtype, device=matrix.device)
-    for i in range(blocks):
-        for j in range(i, blocks):
-            block = parts[i] @ parts[j].T
-            gram[edges[i] : edges[i + 1], edges[j] : edges[j + 1]] = block
-            if i != j:
-                gram[edges[j] : edges[j + 1], edges[i] : edges[i + 1]] = block.T
-    return gram
+    parts = [slice(edges[i], edges[i + 1]) for i in range(blocks)]
+    product = torch.zeros(rows, other.shape[1], dtype=other.dtype, device=other.device)
+    for i, rows_i in enumerate(parts):
+        for rows_j in parts[i:]:
+            block = matrix[rows_i] @ matrix[rows_j].T
+            product[rows_i].addmm_(block, other[rows_j])
+            if rows_j != rows_i:
+                product[rows_j].addmm_(block.T, other[rows_i])
+    return product
 
 
 def alignment_projection(delta: torch.Tensor, alignment: torch.Tensor) -> torch.Tensor:
     """``P = V V^T D`` (``out x in``, float32), i.e. ``||V||_F * C D``, in the cheaper order:
-    ``(V V^T) D`` with the symmetric Gram formed by halves when ``out <= in``, else
+    ``(V V^T) D`` from the upper blocks of the symmetric Gram when ``out <= in``, else
     ``V (V^T D)``."""
     d = delta.to(WORK_DTYPE)
     v = alignment.to(WORK_DTYPE)
@@ -76,7 +78,7 @@ def alignment_projection(delta: torch.Tensor, alignment: torch.Tensor) -> torch.
         )
     out_features, in_features = d.shape
     if out_features <= in_features:
-        return symmetric_gram(v) @ d  # ~0.6 out*out*in, then out*out*in
+        return gram_product(v, d)  # ~0.6 out*out*in for V V^T, then out*out*in
     return v @ (v.T @ d)  # in x in, then out*in*in
 
 

@@ -152,6 +152,20 @@ def rewrite_models(node: Any, local: dict[str, str], keep: set[str]) -> Any:
 
 
 _COMMAND = re.compile(r"(mergekit-(?:yaml|multi)\s+recipes/\S+.*)$")
+_ADAPTER_COMMAND = re.compile(r"(safemerge adapter\s+recipes/\S+.*)$")
+
+
+def documented_adapter_command(name: str) -> list[str] | None:
+    """The ``safemerge adapter`` line of the recipe's comments, if it has one."""
+    lines = [line.lstrip("#").strip() for line in (RECIPES / name).read_text().splitlines()
+             if line.startswith("#")]  # fmt: skip
+    commands = [m.group(1) for line in lines if (m := _ADAPTER_COMMAND.search(line))]
+    assert len(commands) <= 1, f"{name}: several adapter commands {commands}"
+    if not commands:
+        return None
+    argv = shlex.split(commands[0])
+    assert argv[2] == f"recipes/{name}", f"{name}: the adapter command runs {argv[2]}"
+    return argv
 
 
 def documented_command(name: str) -> list[str]:
@@ -279,11 +293,26 @@ def test_recipe_is_well_formed(name: str) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "llama-safemerge.yml",
+        "llama2-7b-chat-safemerge.yml",
+        "qwen2-7b-instruct-safemerge.yml",
+        "llama3.1-8b-instruct-safemerge.yml",
+        "gemma2-9b-it-safemerge.yml",
+    ],
+)
+def test_model_recipes_say_how_to_get_an_adapter(name: str) -> None:
+    assert documented_adapter_command(name) is not None
+
+
 @pytest.mark.parametrize("name", sorted(n for n, s in SPECS.items() if s.same_as))
 def test_alias_recipe_equals_its_original(name: str) -> None:
     original = SPECS[name].same_as
     assert load_documents(name) == load_documents(original)
     assert documented_command(name)[3:] == documented_command(original)[3:]
+    assert documented_adapter_command(name)[4:] == documented_adapter_command(original)[4:]
 
 
 # ---------------------------------------------------------------- real runs
@@ -336,6 +365,21 @@ def test_recipe_runs_on_tiny_stand_ins(
             if group in m["name"]
         }
         assert seen == set(spec.thresholds)
+
+    adapter_argv = documented_adapter_command(name)
+    if adapter_argv is not None:  # the LoRA recipes also say how to keep LoRA form
+        import peft
+
+        from mergekit_safemerge.cli import main as safemerge_cli
+
+        lora_out = tmp_path / "out-lora"
+        assert safemerge_cli(["adapter", str(config), str(lora_out), "--quiet"]) == 0
+        lora_report = json.loads((lora_out / REPORT_FILENAME).read_text())
+        assert [(m["name"], m["decision"]) for m in lora_report["matrices"]] == [
+            (m["name"], m["decision"]) for m in report["matrices"]
+        ]
+        base = transformers.AutoModelForCausalLM.from_pretrained(roles.paths["aligned"])
+        peft.PeftModel.from_pretrained(base, str(lora_out))  # loads as a plain PEFT LoRA
 
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__name__ == ARCH_CLASS[spec.arch]
