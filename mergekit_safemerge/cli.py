@@ -102,7 +102,7 @@ def _one_line_errors(command: str, verbosity: int = 0) -> Iterator[None]:
 @click.group(context_settings=CONTEXT)
 @click.version_option(__version__, "-V", "--version", prog_name="safemerge")
 def cli() -> None:
-    """SafeMERGE tools beside the stock `mergekit-yaml` merge: scan, report, eval, demo models.
+    """SafeMERGE beside the stock `mergekit-yaml` merge: adapter, scan, report, eval, demo models.
 
     \b
     Merge:   mergekit-yaml my-safemerge.yml out/      (stock mergekit, method `safemerge`)
@@ -277,7 +277,7 @@ def report_command(path: str) -> None:
     "--random-seed", type=int, default=0, show_default=True, help="Seed of every random weight"
 )
 def demo_models_command(out_dir: str, arch: str, layers: int, random_seed: int) -> None:
-    """Write four tiny models (unaligned, aligned, finetuned, safety) to OUT_DIR, offline.
+    """Write the four tiny demo models (the four roles) to OUT_DIR, offline.
 
     Random tiny models of a real architecture, with updates built so that rho spreads over
     [0, 1]: enough to try a recipe end to end in seconds (recipes/demo-safemerge.yml).
@@ -395,7 +395,7 @@ def _prompts(path: str | None, limit: int | None, *, task: bool = False) -> list
 )
 @_mergekit_options("cuda", "device", "trust_remote_code", "quiet", "verbosity")
 def eval_command(merge_options, model: str, **options) -> None:  # noqa: PLR0913
-    """Score MODEL: harmfulness, exact-match task accuracy and over-refusal, with 95% intervals.
+    """Score a model: harmfulness, task accuracy and over-refusal, with 95% intervals.
 
     MODEL is a folder (e.g. a merge output) or a Hub id. Responses are greedy; harmful ones are
     judged by a refusal pattern or by a Llama Guard model.

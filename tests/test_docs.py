@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from mergekit_safemerge.cli import main as safemerge_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,3 +40,28 @@ def test_resource_table_in_recipes_doc_is_the_script_output():
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
     assert table in (ROOT / "docs" / "recipes.md").read_text()
+
+
+@pytest.mark.parametrize("command", ["", "adapter", "scan", "report", "eval", "demo-models"])
+def test_cli_help_in_docs_is_the_commands_own(command):
+    from click.testing import CliRunner
+
+    from mergekit_safemerge.cli import cli
+
+    args = [command, "--help"] if command else ["--help"]
+    result = CliRunner().invoke(cli, args, prog_name="safemerge", env={"COLUMNS": "100"},
+                                terminal_width=100)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    title = f"safemerge {command} --help" if command else "safemerge --help"
+    documented = _code_block_after((ROOT / "docs" / "cli.md").read_text(), f"## `{title}`")
+    assert result.output.rstrip() == documented.rstrip()
+
+
+def test_version():
+    from click.testing import CliRunner
+
+    from mergekit_safemerge import __version__
+    from mergekit_safemerge.cli import cli
+
+    result = CliRunner().invoke(cli, ["--version"], prog_name="safemerge")
+    assert result.output.strip() == f"safemerge, version {__version__}"
