@@ -16,7 +16,13 @@ and runs, alternating and repeated, each as a child process measured by benchmar
 * ``lora_cache``: ``safemerge`` with ``aligned+adapter`` inputs through mergekit's
   ``--lora-merge-cache`` (PEFT merges two full copies first; a fresh cache each run);
 * ``adapter_out``: ``safemerge adapter`` on the recipe of ``adapters``: the same decisions written
-  as a PEFT LoRA adapter instead of a full model.
+  as a PEFT LoRA adapter instead of a full model;
+* ``startup``: a Python process that only imports what a SafeMERGE command imports (torch,
+  mergekit's merge and planner, PEFT): the fixed cost every run above pays before any work.
+
+SafeMERGE runs also report their own work time (``wall_time_s`` of ``safemerge_report.json``: from
+the checks to the published output, without the interpreter's start-up and imports), shown as
+"work s".
 
 Usage::
 
@@ -31,6 +37,7 @@ description to ``benchmarks/RESULTS-perf.md`` (``--results FILE`` to write elsew
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -56,8 +63,11 @@ SCENARIOS = {  # name -> (target modules, full fine-tune)
 }
 RUNS = (
     "io_floor", "passthrough", "linear", "safemerge", "naive", "adapters", "lora_cache",
-    "adapter_out",
+    "adapter_out", "startup",
 )  # fmt: skip
+STARTUP_IMPORTS = (
+    "import torch, mergekit.merge, mergekit.plan, peft, mergekit_safemerge.mergekit_method"
+)
 LORA_RUNS = ("adapters", "lora_cache", "adapter_out")  # not in the full fine-tune scenario
 FLOORS = ("io_floor", "passthrough")
 # (label, run, reference run, measure, target ratio or None): the targets, in one place
@@ -68,6 +78,8 @@ RATIO_CHECKS = (
     ("adapters max RSS / linear", "adapters", "linear", "max_rss_bytes", 1.5),
     ("adapter_out wall / adapters (full model, same recipe)", "adapter_out", "adapters", "wall_s",
      0.1),
+    ("adapter_out work / adapters work (after start-up, report wall_time_s)", "adapter_out",
+     "adapters", "work_s", 0.1),
 )  # fmt: skip
 
 
@@ -134,6 +146,8 @@ def command(
     if run == "io_floor":
         models = [paths[r] for r in ("finetuned", "aligned", "unaligned", "safety")]
         return [sys.executable, str(HERE / "io_floor.py"), str(out), *models]
+    if run == "startup":
+        return [sys.executable, "-c", STARTUP_IMPORTS]
     if run == "adapter_out":
         return [str(BIN / "safemerge"), "adapter", str(config), str(out), "--quiet",
                 "--device", device]  # fmt: skip
@@ -201,6 +215,9 @@ def main() -> None:
             result = run_measured(argv, env=env)
             if result["returncode"] != 0:
                 raise SystemExit(f"{run} failed:\n{result['stderr'][-3000:]}")
+            report_file = out / "safemerge_report.json"
+            if report_file.is_file():  # the run's own work time, without start-up
+                result["work_s"] = json.loads(report_file.read_text())["wall_time_s"]
             results[run].append(result)
             print(f"repeat {repeat + 1} {run:<11} wall {result['wall_s']:7.1f} s  max RSS "
                   f"{result['max_rss_bytes'] / GIB:5.2f} GiB", flush=True)  # fmt: skip
@@ -217,6 +234,9 @@ def report(args, shape, targets, full_finetune, runs, results) -> str:
 
     def median(run: str, key: str) -> float:
         return statistics.median(r[key] for r in results[run])
+
+    def work(run: str) -> str:
+        return f"{median(run, 'work_s'):.1f}" if "work_s" in results[run][0] else "-"
 
     def ratio(top: str, bottom: str, key: str = "wall_s") -> str:
         if top not in results or bottom not in results:
@@ -235,13 +255,13 @@ def report(args, shape, targets, full_finetune, runs, results) -> str:
         f"safety updates on `{','.join(targets)}`; medians of {args.repeats} alternating runs; "
         "every ratio from this same run.",
         "",
-        "| run | wall s | CPU s | peak anon GiB | max RSS GiB | read GiB | written GiB "
+        "| run | wall s | work s | CPU s | peak anon GiB | max RSS GiB | read GiB | written GiB "
         "| wall / io_floor | wall / passthrough | wall / linear | max RSS / linear |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
         lines.append(
-            f"| {run} | {median(run, 'wall_s'):.1f} | {median(run, 'cpu_s'):.1f} | "
+            f"| {run} | {median(run, 'wall_s'):.1f} | {work(run)} | {median(run, 'cpu_s'):.1f} | "
             f"{median(run, 'peak_anon_bytes') / GIB:.2f} | "
             f"{median(run, 'max_rss_bytes') / GIB:.2f} | "
             f"{median(run, 'read_bytes') / GIB:.2f} | {median(run, 'written_bytes') / GIB:.2f} | "
@@ -250,7 +270,7 @@ def report(args, shape, targets, full_finetune, runs, results) -> str:
         )
     checks = []
     for label, top, bottom, key, target in RATIO_CHECKS:
-        if {top, bottom} <= set(runs):
+        if {top, bottom} <= set(runs) and all(key in results[r][0] for r in (top, bottom)):
             value = median(top, key) / median(bottom, key)
             verdict = ""
             if target is not None:
@@ -258,7 +278,10 @@ def report(args, shape, targets, full_finetune, runs, results) -> str:
             checks.append(f"{label} = {value:.2f}{verdict}")
     lines += ["", *[f"- {c}" for c in checks], ""]
     lines.append("io_floor reads every input model once and writes one model once (no "
-                 "computation); passthrough copies the fine-tuned model through mergekit. Read and "
+                 "computation); passthrough copies the fine-tuned model through mergekit; startup "
+                 "only imports what a SafeMERGE command imports. Work s: the run's own wall_time_s "
+                 "from its safemerge_report.json (checks to published output, no start-up). "
+                 "Read and "
                  "written bytes are storage I/O from /proc (page-cache hits are free), sampled "
                  "every 20 ms; max RSS is the kernel's exact figure for each child; peak "
                  "anonymous memory is sampled RssAnon (mmap'd safetensors pages count in RSS, "

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import os
-import sys
 import time
 from typing import Any
 
@@ -85,7 +84,8 @@ def factor_recipe(config):
                 "adapter; use combine: linear or authors_linear here, or mergekit-yaml for a "
                 "full model"
             )
-    data["models"] = kept
+    if config.models is not None:
+        data["models"] = kept
     data["parameters"] = parameters
     from mergekit.config import MergeConfiguration
 
@@ -224,35 +224,17 @@ def run_adapter(config, out_path: str, options, *, compact: bool = False) -> dic
     from safetensors.torch import save_file
 
     from mergekit_safemerge import report
-    from mergekit_safemerge.decide import changed_rhos, rank_matrices
-    from mergekit_safemerge.output import OutputFolder, write_json_atomic
-    from mergekit_safemerge.registration import register_method
-    from mergekit_safemerge.scan.measure import measure_candidates, plain_targets, run_in_memory
+    from mergekit_safemerge.output import write_json_atomic
+    from mergekit_safemerge.run import prepare_run, ranking_for, signals_as_exceptions
+    from mergekit_safemerge.scan.measure import run_in_memory
     from mergekit_safemerge.session import MergeSession
-    from mergekit_safemerge.validation import validate_config
 
-    register_method()
     config = factor_recipe(config)
-    checked = validate_config(config, options)
-    for warning in checked.warnings:
-        print(f"Warning: safemerge: {warning}", file=sys.stderr, flush=True)
-    output = OutputFolder(
-        out_path,
-        manifest=report.REPORT_FILENAME,
-        manifest_format=report.REPORT_FORMAT,
-        inputs=checked.input_labels(),
-    )
-    output.check()
-    settings = checked.report_settings(options, config.dtype)
+    prepared = prepare_run(config, out_path, options)
+    checked, output, settings = prepared.checked, prepared.output, prepared.settings
     started = time.monotonic()
     session = MergeSession(factor_output=True)
-    if settings["select"] != "threshold":
-        records = measure_candidates(
-            config, options, targets=plain_targets(settings), desc="SafeMERGE ranking"
-        )
-        session.ranking = rank_matrices(
-            changed_rhos(records), settings["select"], k=settings["k"], seed=settings["seed"]
-        )
+    session.ranking = ranking_for(config, options, settings)
     touched = set()
     for adapter in checked.adapters.values():
         touched |= {f"{m}.weight" for m in open_adapter(adapter.folder).modules}
@@ -269,7 +251,7 @@ def run_adapter(config, out_path: str, options, *, compact: bool = False) -> dic
     document["adapter"] = summary
     document["wall_time_s"] = round(time.monotonic() - started, 3)
     document["warnings"] = list(checked.warnings)
-    with output:
+    with signals_as_exceptions(), output:
         stage = output.staging
         save_file(tensors, os.path.join(stage, ADAPTER_WEIGHTS), metadata={"format": "pt"})
         lora_config.save_pretrained(stage)

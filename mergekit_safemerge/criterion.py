@@ -133,13 +133,17 @@ def dense_alignment_cosine(
 
 
 def factored_alignment_cosine(
-    left: torch.Tensor, right: torch.Tensor, alignment: torch.Tensor
+    left: torch.Tensor,
+    right: torch.Tensor,
+    alignment: torch.Tensor,
+    *,
+    alignment_sq: torch.Tensor | None = None,
 ) -> float:
     """``rho`` for ``D = left @ right`` (``out x r`` times ``r x in``) in ``O(out * in * r)``.
 
     Same value and conventions as :func:`dense_alignment_cosine`, through ``r x r`` Grams:
     ``<P, D> = <M^T M, G>``, ``||P||^2 = <(V M)^T (V M), G>``, ``||D||^2 = <L^T L, G>`` with
-    ``M = V^T L`` and ``G = R R^T``.
+    ``M = V^T L`` and ``G = R R^T``. ``alignment_sq`` (``||V||_F^2``) saves a pass when known.
     """
     v = alignment.to(WORK_DTYPE)
     lhs = left.to(WORK_DTYPE)
@@ -151,11 +155,14 @@ def factored_alignment_cosine(
     gram_right = rhs @ rhs.T
     m = v.T @ lhs
     vm = v @ m
+    if alignment_sq is None:
+        flat = v.reshape(-1)
+        alignment_sq = torch.vdot(flat, flat)
     return _cosine_from_squares(
         torch.sum((m.T @ m) * gram_right),
         torch.sum((vm.T @ vm) * gram_right),
         torch.sum((lhs.T @ lhs) * gram_right),
-        torch.sum(v * v),
+        alignment_sq,
         v.shape,
     )
 
@@ -264,7 +271,9 @@ def alignment_criterion(
     """``rho`` by the cheapest exact route: factored for LoRA factors; for a dense ``D`` the
     low-rank route when ``detect_low_rank`` and the detection succeeds, else the dense route."""
     if isinstance(delta, LoraFactors):
-        rho = factored_alignment_cosine(delta.left, delta.right, alignment)
+        rho = factored_alignment_cosine(
+            delta.left, delta.right, alignment, alignment_sq=alignment_sq
+        )
         return Criterion(rho, "factored", delta.rank)
     if delta.ndim != 2 or delta.shape != alignment.shape:
         raise ValueError(

@@ -29,9 +29,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mergekit_safemerge import METHOD_NAME
 from mergekit_safemerge.errors import SafeMergeError
+
+if TYPE_CHECKING:
+    from mergekit_safemerge.output import OutputFolder
+    from mergekit_safemerge.validation import ValidatedConfig
 
 LOG = logging.getLogger(__name__)
 _WRAPPED_MARK = "__safemerge_wrapped__"
@@ -175,16 +181,21 @@ def _write_config_copy(merge_config, config_source: str | None, folder: str) -> 
         fp.write(config_source or merge_config.to_yaml())
 
 
-def run_safemerge(
-    run_merge: Callable, merge_config, out_path: str, options, config_source: str | None = None
-):
-    """Validate, merge aside while collecting records, write card and report, publish."""
+@dataclass(frozen=True)
+class PreparedRun:
+    """What every SafeMERGE run establishes before a tensor is read."""
+
+    checked: ValidatedConfig
+    output: OutputFolder
+    settings: dict
+
+
+def prepare_run(merge_config, out_path: str, options) -> PreparedRun:
+    """Register, validate the configuration and its inputs, print the warnings, check the output
+    folder: everything that needs no tensor data (shared by the merge and the adapter output)."""
     from mergekit_safemerge import report
-    from mergekit_safemerge.decide import changed_rhos, rank_matrices
-    from mergekit_safemerge.output import OutputFolder, describe_os_error, write_json_atomic
+    from mergekit_safemerge.output import OutputFolder
     from mergekit_safemerge.registration import register_method
-    from mergekit_safemerge.scan.measure import measure_candidates, plain_targets
-    from mergekit_safemerge.session import MergeSession, active_session
     from mergekit_safemerge.validation import validate_config
 
     register_method()
@@ -198,25 +209,40 @@ def run_safemerge(
         inputs=checked.input_labels(),
     )
     output.check()
-    settings = checked.report_settings(options, merge_config.dtype)
+    return PreparedRun(checked, output, checked.report_settings(options, merge_config.dtype))
+
+
+def ranking_for(merge_config, options, settings: dict) -> dict[str, str] | None:
+    """With a ranking selection mode, the selected names (and reasons) from a measuring pass."""
+    from mergekit_safemerge.decide import changed_rhos, rank_matrices
+    from mergekit_safemerge.scan.measure import measure_candidates, plain_targets
+
+    if settings["select"] == "threshold":
+        return None
+    records = measure_candidates(
+        merge_config, options, targets=plain_targets(settings), desc="SafeMERGE ranking"
+    )
+    return rank_matrices(
+        changed_rhos(records), settings["select"], k=settings["k"], seed=settings["seed"]
+    )
+
+
+def run_safemerge(
+    run_merge: Callable, merge_config, out_path: str, options, config_source: str | None = None
+):
+    """Validate, merge aside while collecting records, write card and report, publish."""
+    from mergekit_safemerge import report
+    from mergekit_safemerge.output import describe_os_error, write_json_atomic
+    from mergekit_safemerge.session import MergeSession, active_session
+
+    prepared = prepare_run(merge_config, out_path, options)
+    checked, output, settings = prepared.checked, prepared.output, prepared.settings
     started = time.monotonic()
     notes: list[str] = []
     with signals_as_exceptions(), output:
         session = MergeSession()
         try:
-            if settings["select"] != "threshold":
-                records = measure_candidates(
-                    merge_config,
-                    options,
-                    targets=plain_targets(settings),
-                    desc="SafeMERGE ranking",
-                )
-                session.ranking = rank_matrices(
-                    changed_rhos(records),
-                    settings["select"],
-                    k=settings["k"],
-                    seed=settings["seed"],
-                )
+            session.ranking = ranking_for(merge_config, options, settings)
             stage = output.staging
             staged_options = options.model_copy(update={"write_model_card": False})
             with active_session(session):
