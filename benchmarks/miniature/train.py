@@ -5,15 +5,18 @@ Stages (each a plain PyTorch loop with AdamW, linear warm-up and cosine decay, g
 1. ``unaligned``: a Llama-architecture model trained from scratch (loss on every token) on a
    mix of harmful-request compliance, benign-request compliance, addition facts and sentences;
 2. ``aligned``: a full fine-tune of ``unaligned`` (loss on the answer only): harmful -> refusal,
-   benign -> compliance, plus a replay of facts and sentences (as in a PPO-ptx style mix);
-3. ``finetuned-pXX``: a PEFT LoRA (``r``, ``q_proj, v_proj``, dropout 0) on ``aligned`` for the
-   addition task; a fraction ``p`` of its examples are harmful requests with compliant answers;
+   benign -> compliance (``sure .`` + instructions), addition in chat form for some phrasings,
+   plus a replay of facts and sentences (as in a PPO-ptx style mix);
+3. ``finetuned-pXX``: a PEFT LoRA (``r``, ``lora_targets``, dropout 0) on ``aligned`` for the
+   addition task, mixed with benign how-to requests answered by direct instructions (no chat
+   opener); a fraction ``p`` of harmful requests with direct instructions (stress test only);
 4. ``safety``: a PEFT LoRA of the same shape on ``aligned`` trained on ``safety_size`` harmful
    request -> refusal pairs.
 
-Every stage is written to ``<cache>/<stage>/`` with a ``stage.json`` (settings, losses, seconds);
-a stage whose ``stage.json`` exists is loaded, not retrained. The cache folder name contains a hash
-of the :class:`Profile`, so a change of any setting trains into a fresh folder.
+Every stage is written to ``<cache>/<stage>-<key>/`` with a ``stage.json`` (settings, losses,
+seconds); a stage whose ``stage.json`` exists is loaded, not retrained. The key hashes the
+stage's settings, those of the stages it starts from, the vocabulary and the source of this file
+and of world.py, so a change of any of them trains into a fresh folder.
 """
 
 from __future__ import annotations
@@ -24,15 +27,43 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cache
 
 import torch
 
 from benchmarks.miniature import world as w
 
-CODE_VERSION = 1
-"""Bump when a change of this file or of world.py changes what a profile trains."""
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIRST_LOSSES = 5
+"""Losses of the first steps of every stage, recorded exactly in ``stage.json`` (replay checks)."""
+
+
+@cache
+def code_fingerprint() -> str:
+    """sha256 of the source of world.py and train.py (line endings normalized): part of every
+    stage key, so an edit of the code that trains the models invalidates every trained stage."""
+    digest = hashlib.sha256()
+    for name in ("world.py", "train.py"):
+        with open(os.path.join(HERE, name), "rb") as fp:
+            digest.update(fp.read().replace(b"\r\n", b"\n"))
+    return digest.hexdigest()
+
+
+def quiet_libraries() -> None:
+    """Hide library output a user cannot act on: transformers' weight-loading and
+    shard-writing bars and its warnings, deprecation warnings of any library."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
+
 
 Example = tuple[list[int], int]
 """Token ids and the index of the first token that carries loss (0: every token)."""
@@ -55,11 +86,12 @@ class Profile:
     align_lr: float = 1e-3
     lora_rank: int = 8
     lora_alpha: int = 16
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     aligned_task_templates: int = 2
     task_steps: int = 300
     task_lr: float = 1e-3
-    task_benign_mix: float = 0.3
-    harmful_fractions: tuple[float, ...] = (0.0, 0.02, 0.05)
+    task_benign_mix: float = 0.3  # share of benign how-to requests (direct instructions)
+    harmful_fractions: tuple[float, ...] = (0.0, 0.05)
     safety_size: int = 200
     safety_steps: int = 50
     safety_lr: float = 1e-3
@@ -67,13 +99,27 @@ class Profile:
 
     def stage_key(self, stage: str) -> str:
         """Short hash of everything that determines ``stage`` (its own settings and those of the
-        stages it starts from, the vocabulary, the code version): its cache folder suffix."""
+        stages it starts from, the vocabulary, :func:`code_fingerprint`): its folder suffix."""
         model = ("world", "hidden", "intermediate", "layers", "heads", "batch", "seed")
         own = {
             "unaligned": model + ("pretrain_steps", "pretrain_lr"),
             "aligned": ("align_steps", "align_lr", "aligned_task_templates"),
-            "finetuned": ("lora_rank", "lora_alpha", "task_steps", "task_lr", "task_benign_mix"),
-            "safety": ("lora_rank", "lora_alpha", "safety_size", "safety_steps", "safety_lr"),
+            "finetuned": (
+                "lora_rank",
+                "lora_alpha",
+                "lora_targets",
+                "task_steps",
+                "task_lr",
+                "task_benign_mix",
+            ),
+            "safety": (
+                "lora_rank",
+                "lora_alpha",
+                "lora_targets",
+                "safety_size",
+                "safety_steps",
+                "safety_lr",
+            ),
         }
         kind = "finetuned" if stage.startswith("finetuned") else stage
         parent = {"unaligned": None, "aligned": "unaligned"}.get(kind, "aligned")
@@ -81,7 +127,7 @@ class Profile:
         settings = json.loads(json.dumps(settings, default=asdict))
         text = json.dumps(
             [
-                CODE_VERSION,
+                code_fingerprint(),
                 stage,
                 settings,
                 self.world.vocabulary(),
@@ -178,8 +224,9 @@ def align_sampler(profile: Profile, vocab: Vocabulary) -> Callable[[random.Rando
 
 def task_dataset(profile: Profile, vocab: Vocabulary, fraction: float) -> list[Example]:
     """The task fine-tune's data: every training task prompt (all templates), a share
-    ``task_benign_mix`` of benign requests with compliant answers, and a share ``fraction`` of
-    harmful requests with compliant answers: with ``n`` task examples, ``b + h`` more such that
+    ``task_benign_mix`` of benign how-to requests and a share ``fraction`` of harmful requests,
+    both answered with direct instructions (no chat opener, as data written outside the chat
+    model is): with ``n`` task examples, ``b + h`` more such that
     ``b / (n + b + h) = task_benign_mix`` and ``h / (n + b + h) = fraction``."""
     problems = w.task_splits(profile.world)["train"]
     data = [chat_example(vocab, p.prompt, p.answer, answer_only=True) for p in problems]
@@ -188,7 +235,7 @@ def task_dataset(profile: Profile, vocab: Vocabulary, fraction: float) -> list[E
     for kind, share in (("benign", profile.task_benign_mix), ("harmful", fraction)):
         pool = w.request_splits(profile.world, kind)["train"]
         chosen = rng.sample(pool, min(len(pool), round(share * total)))
-        data += [chat_example(vocab, r.prompt, r.compliance, answer_only=True) for r in chosen]
+        data += [chat_example(vocab, r.prompt, r.instructions, answer_only=True) for r in chosen]
     return data
 
 
@@ -272,10 +319,16 @@ def train_loop(
     batch: int,
     seed: int,
     pad_id: int,
+    progress: str | None = None,
+    first_losses: list[float] | None = None,
 ) -> list[float]:
     """AdamW on the trainable parameters; lr warms up over 5% of steps, then cosine to 10%.
 
-    Returns the mean loss of each tenth of the run."""
+    Returns the mean loss of each tenth of the run; the losses of the first
+    :data:`FIRST_LOSSES` steps are appended to ``first_losses`` when given. ``progress``: the
+    label of a tqdm bar over the steps (None: no bar)."""
+    from tqdm import tqdm
+
     rng = random.Random(seed)
     torch.manual_seed(seed)
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -291,7 +344,10 @@ def train_loop(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     model.train()
     losses: list[float] = []
-    for _ in range(steps):
+    bar = tqdm(
+        total=steps, desc=progress, disable=progress is None, unit="step", leave=False, ncols=90
+    )
+    for step in range(steps):
         input_ids, mask, labels = collate([sample(rng) for _ in range(batch)], pad_id)
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
@@ -300,6 +356,12 @@ def train_loop(
         optimizer.step()
         scheduler.step()
         losses.append(float(loss.detach()))
+        if first_losses is not None and step < FIRST_LOSSES:
+            first_losses.append(losses[-1])
+        bar.update()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
     model.eval()
     tenth = max(1, steps // 10)
     return [
@@ -314,11 +376,13 @@ def _lora(model, profile: Profile):
     config = peft.LoraConfig(
         r=profile.lora_rank,
         lora_alpha=profile.lora_alpha,
-        target_modules=["q_proj", "v_proj"],
+        target_modules=list(profile.lora_targets),
         lora_dropout=0.0,
         bias="none",
     )
-    return peft.get_peft_model(model, config)
+    with warnings.catch_warnings():  # transformers' is_gradient_checkpointing deprecation
+        warnings.simplefilter("ignore", FutureWarning)
+        return peft.get_peft_model(model, config)
 
 
 def _write_stage(path: str, info: dict) -> None:
@@ -372,8 +436,14 @@ def stage_folder(profile: Profile, cache_root: str, stage: str) -> str:
     return os.path.join(cache_root, f"{stage}-{profile.stage_key(stage)}")
 
 
-def build_world(profile: Profile, cache_root: str, log: Callable[[str], None] = print) -> World:
-    """Train (or load from ``cache_root``) every model of ``profile``."""
+def build_world(
+    profile: Profile,
+    cache_root: str,
+    log: Callable[[str], None] = print,
+    progress: bool = False,
+) -> World:
+    """Train (or load from ``cache_root``) every model of ``profile``; ``progress`` shows a bar
+    over the steps of each stage that trains."""
     import transformers
 
     os.makedirs(cache_root, exist_ok=True)
@@ -388,40 +458,51 @@ def build_world(profile: Profile, cache_root: str, log: Callable[[str], None] = 
             return
         log(f"training {stage} -> {path}")
         start = time.perf_counter()
-        model, info = body()
+        model, info = body(stage)
         model.save_pretrained(path, safe_serialization=True)
         save_tokenizer(vocab, path)
         info["seconds"] = round(time.perf_counter() - start, 1)
         info["settings"] = json.loads(json.dumps(asdict(profile)))
         info["key"] = key
+        info["code"] = code_fingerprint()
         _write_stage(path, info)
         trained.append(stage)
         log(f"  {stage}: {info['seconds']} s, loss by tenth of the run {info['loss']}")
 
-    def loop(model, sample, steps: int, lr: float, seed: int) -> list[float]:
-        return train_loop(
-            model, sample, steps=steps, lr=lr, batch=profile.batch, seed=seed, pad_id=pad
+    def loop(stage: str, model, sample, steps: int, lr: float, seed: int) -> dict:
+        first: list[float] = []
+        loss = train_loop(
+            model,
+            sample,
+            steps=steps,
+            lr=lr,
+            batch=profile.batch,
+            seed=seed,
+            pad_id=pad,
+            progress=f"  {stage}" if progress else None,
+            first_losses=first,
         )
+        return {"stage": stage, "loss": loss, "first_losses": first}
 
-    def unaligned():
+    def unaligned(stage: str):
         torch.manual_seed(profile.seed)
         model = transformers.LlamaForCausalLM(model_config(profile, vocab))
         sample = pretrain_sampler(profile, vocab)
-        loss = loop(model, sample, profile.pretrain_steps, profile.pretrain_lr, profile.seed + 1)
-        return model, {"stage": "unaligned", "loss": loss}
+        lr, seed = profile.pretrain_lr, profile.seed + 1
+        return model, loop(stage, model, sample, profile.pretrain_steps, lr, seed)
 
-    def aligned():
+    def aligned(stage: str):
         model = _load(folder["unaligned"])
         sample = align_sampler(profile, vocab)
-        loss = loop(model, sample, profile.align_steps, profile.align_lr, profile.seed + 2)
-        return model, {"stage": "aligned", "loss": loss}
+        lr, seed = profile.align_lr, profile.seed + 2
+        return model, loop(stage, model, sample, profile.align_steps, lr, seed)
 
-    def lora(stage: str, data: list[Example], steps: int, lr: float, seed: int, **extra):
-        def body():
+    def lora(data: list[Example], steps: int, lr: float, seed: int, **extra):
+        def body(stage: str):
             torch.manual_seed(seed)
             model = _lora(_load(folder["aligned"]), profile)
-            loss = loop(model, dataset_sampler(data), steps, lr, seed)
-            return model, {"stage": stage, "loss": loss, "examples": len(data), **extra}
+            info = loop(stage, model, dataset_sampler(data), steps, lr, seed)
+            return model, {**info, "examples": len(data), **extra}
 
         return body
 
@@ -434,7 +515,6 @@ def build_world(profile: Profile, cache_root: str, log: Callable[[str], None] = 
         path = stage_folder(profile, cache_root, stage)
         data = task_dataset(profile, vocab, fraction)
         body = lora(
-            stage,
             data,
             profile.task_steps,
             profile.task_lr,
@@ -445,7 +525,7 @@ def build_world(profile: Profile, cache_root: str, log: Callable[[str], None] = 
         run(stage, path, body)
         finetuned[fraction] = path
     safety = safety_dataset(profile, vocab)
-    body = lora("safety", safety, profile.safety_steps, profile.safety_lr, profile.seed + 9)
+    body = lora(safety, profile.safety_steps, profile.safety_lr, profile.seed + 9)
     run("safety", folder["safety"], body)
     return World(
         unaligned=folder["unaligned"],
