@@ -18,13 +18,15 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
-# The miniature story in one command: train (or load from .demo/miniature/) tiny Llama models of a
-# synthetic world, merge with SafeMERGE via the stock mergekit-yaml, print harmfulness and task
-# accuracy before and after (docs/miniature.md).
+# The miniature story in one command, in the paper's setting (benign fine-tune): the tiny trained
+# Llama models shipped in benchmarks/miniature/models/, SafeMERGE and a control via the stock
+# mergekit-yaml, per-matrix decisions, harmfulness and task accuracy before and after
+# (docs/miniature.md#the-demo).
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.miniature.demo
 
-# The whole miniature reproduction: writes benchmarks/miniature/RESULTS.md and miniature.png.
+# The whole miniature reproduction, every model trained from scratch (cached in .demo/miniature/):
+# writes benchmarks/miniature/RESULTS.md, miniature.png and results.json (docs/miniature.md).
 miniature: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.miniature.run
 

@@ -1,4 +1,4 @@
-"""The YAML recipes the miniature driver hands to the stock ``mergekit-yaml`` command.
+"""The YAML recipes the miniature driver and the demo hand to the stock ``mergekit-yaml`` command.
 
 LoRA adapters enter as mergekit's ``aligned+adapter`` model strings (merged into full weights
 by mergekit with PEFT, in ``--lora-merge-cache``, float32).
@@ -28,9 +28,16 @@ def passthrough(model: str) -> dict[str, Any]:
 
 
 def safemerge(
-    aligned: str, unaligned: str, finetuned: str, safety: str, **parameters: Any
+    aligned: str,
+    unaligned: str,
+    finetuned: str,
+    safety: str,
+    *,
+    targets: str = TARGETS,
+    **parameters: Any,
 ) -> dict[str, Any]:
-    """A ``safemerge`` recipe; ``parameters`` are top-level (threshold, select, k, seed ...)."""
+    """A ``safemerge`` recipe; ``parameters`` are top-level (threshold, safety_weight, select,
+    k, seed ...)."""
     return {
         "merge_method": "safemerge",
         "base_model": aligned,
@@ -39,12 +46,28 @@ def safemerge(
             {"model": finetuned, "parameters": {"role": "finetuned"}},
             {"model": safety, "parameters": {"role": "safety"}},
         ],
-        "parameters": {"safety_weight": SAFETY_WEIGHT, "targets": TARGETS, **parameters},
+        "parameters": {"safety_weight": SAFETY_WEIGHT, "targets": targets, **parameters},
         "dtype": "float32",
     }
 
 
-def safelora(aligned: str, unaligned: str, finetuned: str, threshold: float) -> dict[str, Any]:
+def interpolation(aligned: str, finetuned: str, lam: float) -> dict[str, Any]:
+    """Stock mergekit ``linear``: ``(1 - lambda) W_al + lambda W_ft = W_al + lambda D`` for every
+    tensor (Farn et al. 2024's interpolation back toward the aligned model; no safety model)."""
+    return {
+        "merge_method": "linear",
+        "models": [
+            {"model": aligned, "parameters": {"weight": round(1.0 - lam, 10)}},
+            {"model": finetuned, "parameters": {"weight": lam}},
+        ],
+        "parameters": {"normalize": False},
+        "dtype": "float32",
+    }
+
+
+def safelora(
+    aligned: str, unaligned: str, finetuned: str, threshold: float, *, targets: str = TARGETS
+) -> dict[str, Any]:
     """The SafeLoRA projection baseline (registered in-process by the driver)."""
     return {
         "merge_method": SAFELORA,
@@ -53,7 +76,7 @@ def safelora(aligned: str, unaligned: str, finetuned: str, threshold: float) -> 
             {"model": unaligned, "parameters": {"role": "unaligned"}},
             {"model": finetuned, "parameters": {"role": "finetuned"}},
         ],
-        "parameters": {"threshold": threshold, "targets": TARGETS},
+        "parameters": {"threshold": threshold, "targets": targets},
         "dtype": "float32",
     }
 
