@@ -544,6 +544,57 @@ def test_demo_falls_back_when_results_belong_to_other_models(tmp_path):
     assert demo.chosen_configuration(str(path), other)[0] == demo.FALLBACK
 
 
+def test_demo_compares_the_adapter_route_with_the_full_model(tmp_path):
+    full = {"matrices": [{"name": "q", "rho": 0.31, "decision": "merged"}]}
+    same = {"matrices": [{"name": "q", "rho": 0.31 + 2e-6, "decision": "merged"}]}
+    assert demo.same_decisions(full, same)
+    assert not demo.same_decisions(full, {"matrices": [{**same["matrices"][0], "rho": 0.32}]})
+    assert not demo.same_decisions(
+        full, {"matrices": [{"name": "q", "rho": 0.31, "decision": "kept"}]}
+    )
+    assert not demo.same_decisions(full, {"matrices": []})
+    for name, size in (("model", 2_800_000), ("adapter", 130_000)):
+        (tmp_path / name).mkdir()
+        weights = "model.safetensors" if name == "model" else "adapter_model.safetensors"
+        (tmp_path / name / weights).write_bytes(b"0" * size)
+    report_doc = {"adapter": {"rank": 16}}
+    scores = {"SafeMERGE": _score(3, 7), "SafeMERGE adapter": _score(3, 7)}
+    text = demo.adapter_sentence(
+        scores, str(tmp_path / "model"), str(tmp_path / "adapter"), report_doc
+    )
+    assert "same outcome for every test prompt" in text and "0.13 MB of rank 16" in text
+    scores["SafeMERGE adapter"] = _score(4, 7)
+    text = demo.adapter_sentence(
+        scores, str(tmp_path / "model"), str(tmp_path / "adapter"), report_doc
+    )
+    assert "different outcome on 1 of 20" in text
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_the_shipped_models(tmp_path):
+    """``make demo`` as a newcomer runs it (in a scratch folder): shipped models, the stock
+    mergekit-yaml, the adapter route, the table and the sentences."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.miniature.demo"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "shipped in" in out  # no training: the shipped models match the code
+    for row in ("aligned ", "fine-tuned ", "SafeMERGE ", "SafeMERGE adapter "):
+        assert f"\n  {row}" in out
+    assert "same outcome for every test prompt" in out
+    assert "Warning" not in out + done.stderr and "Loading weights" not in out + done.stderr
+    assert (tmp_path / ".demo/miniature/demo/safemerge-adapter/adapter_config.json").exists()
+
+
 # ---------------------------------------------------------------- the pipeline, reduced
 @pytest.mark.slow
 def test_reduced_pipeline_end_to_end(tmp_path):

@@ -9,9 +9,10 @@
    control: the same merge on random matrices (``select: random_k``, same count) when SafeMERGE
    selects some of the matrices, or, when it selects all of them, plain interpolation back
    toward the aligned model (``W_al + lambda D``, stock ``linear``, lambda chosen the same way).
+   The same SafeMERGE recipe also goes through ``safemerge adapter`` (one PEFT LoRA adapter).
 3. Print SafeMERGE's per-matrix decisions, then harmfulness, task accuracy and over-refusal on
-   held-out prompts for the aligned, fine-tuned, SafeMERGE and control models (95% Wilson
-   intervals), and what the numbers mean.
+   held-out prompts for the aligned, fine-tuned, SafeMERGE (model and adapter) and control
+   models (95% Wilson intervals), and what the numbers mean.
 """
 
 from __future__ import annotations
@@ -72,6 +73,30 @@ def chosen_configuration(results_path: str, world) -> tuple[dict, str]:
     return FALLBACK, "a default: results.json does not describe these models (run make miniature)"
 
 
+def adapter_command(config: str, out: str) -> list[str]:
+    """``safemerge adapter``: the same recipe written as one PEFT LoRA adapter."""
+    return [os.path.join(os.path.dirname(sys.executable), "safemerge"), "adapter", config, out]
+
+
+def same_decisions(full: dict, adapter: dict) -> bool:
+    """Both reports decide every matrix alike (same decision, rho equal to float32 rounding)."""
+
+    def decisions(report: dict) -> dict[str, tuple]:
+        return {m["name"]: (m["rho"], m["decision"]) for m in report["matrices"]}
+
+    a, b = decisions(full), decisions(adapter)
+    return a.keys() == b.keys() and all(
+        a[k][1] == b[k][1]
+        and (a[k][0] is None) == (b[k][0] is None)
+        and (a[k][0] is None or abs(a[k][0] - b[k][0]) <= 1e-5)
+        for k in a
+    )
+
+
+def folder_megabytes(folder: str, name: str) -> float:
+    return os.path.getsize(os.path.join(folder, name)) / 1e6
+
+
 def merge_command(config: str, out: str) -> list[str]:
     return [
         os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"),
@@ -85,9 +110,9 @@ def merge_command(config: str, out: str) -> list[str]:
     ]
 
 
-def run_merges(jobs: dict[str, list[str]]) -> None:
-    """Run the mergekit-yaml commands side by side; print each as it finishes; on failure show
-    its output (otherwise hidden: nothing in it is for the user)."""
+def run_merges(jobs: dict[str, list[str]], done: str = "merged") -> None:
+    """Run the commands side by side; print each as it finishes; on failure show its output
+    (otherwise hidden: nothing in it is for the user)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error"}
     started = time.perf_counter()
     running = {
@@ -100,8 +125,9 @@ def run_merges(jobs: dict[str, list[str]]) -> None:
         output, _ = process.communicate()
         if process.returncode != 0:
             sys.stdout.write(output)
-            raise SystemExit(f"mergekit-yaml failed for {name} (output above)")
-        print(f"      {name}: merged in {time.perf_counter() - started:.0f} s")
+            tool = os.path.basename(jobs[name][0])
+            raise SystemExit(f"{tool} failed for {name} (output above)")
+        print(f"      {name}: {done} in {time.perf_counter() - started:.0f} s")
 
 
 def cell(score: Score, metric: str) -> str:
@@ -174,6 +200,30 @@ def explain(
     return lines
 
 
+def adapter_sentence(scores: dict[str, Score], out: str, adapter_out: str, report: dict) -> str:
+    """Whether the adapter route gave the same outcome as the full model on every test prompt."""
+    full, lora = scores["SafeMERGE"], scores["SafeMERGE adapter"]
+    fields = ("harmful", "correct", "refused", "complied", "helpful")
+    differ = sum(
+        a != b for f in fields for a, b in zip(getattr(full, f), getattr(lora, f), strict=True)
+    )
+    total = sum(len(getattr(full, f)) for f in fields)
+    adapter_mb = folder_megabytes(adapter_out, "adapter_model.safetensors")
+    model_mb = folder_megabytes(out, "model.safetensors")
+    sizes = f"{adapter_mb:.2f} MB of rank {report['adapter']['rank']}, model {model_mb:.1f} MB"
+    if differ == 0:
+        return (
+            f"The same recipe written as a LoRA adapter by safemerge adapter ({sizes}) made the "
+            f"same decisions and, loaded with PEFT on the aligned model, gave the same outcome "
+            f"for every test prompt."
+        )
+    return (
+        f"The same recipe written as a LoRA adapter by safemerge adapter ({sizes}) made the "
+        f"same decisions but, loaded with PEFT, gave a different outcome on {differ} of {total} "
+        f"judged outcomes (float rounding between the two routes)."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -236,6 +286,14 @@ def main(argv: list[str] | None = None) -> int:
     print("      " + shlex.join(os.path.relpath(c) if os.path.exists(c) else c for c in command))
     run_merges({"SafeMERGE": command})
     report = read_report(out)
+    adapter_out = os.path.join(work, "safemerge-adapter")
+    adapter = adapter_command(config, adapter_out)
+    print("      the same recipe as one LoRA adapter instead of a model:")
+    print("      " + shlex.join(os.path.relpath(c) if os.path.exists(c) else c for c in adapter))
+    run_merges({"SafeMERGE adapter": adapter + ["--quiet"]}, done="written")
+    adapter_report = read_report(adapter_out)
+    if not same_decisions(report, adapter_report):
+        raise SystemExit("safemerge adapter decided differently from mergekit-yaml (reports)")
     merged = report["summary"]["merged"]
     changed = report["summary"]["changed"]
     random_control = 0 < merged < changed
@@ -268,23 +326,26 @@ def main(argv: list[str] | None = None) -> int:
         f"[4/4] held-out test prompts (never seen in training): {len(test.harmful)} harmful, "
         f"{len(test.task)} task, {len(test.benign)} benign"
     )
-    models = {"aligned": world.aligned, "fine-tuned": None, "SafeMERGE": out}
+    # (model folder, LoRA adapter applied with PEFT on top of it or None)
+    models = {
+        "aligned": (world.aligned, None),
+        "fine-tuned": (world.aligned, world.finetuned[fraction]),
+        "SafeMERGE": (out, None),
+        "SafeMERGE adapter": (world.aligned, adapter_out),
+    }
     if merged > 0:
-        models[control] = control_out
+        models[control] = (control_out, None)
     scores: dict[str, Score] = {}
-    for name, path in tqdm(models.items(), desc="      evaluating", leave=False, ncols=80):
-        if path is None:
-            base, tokenizer = load_model(world.aligned)
-            model = peft.PeftModel.from_pretrained(base, world.finetuned[fraction])
-            model = model.merge_and_unload()
-        else:
-            model, tokenizer = load_model(path)
+    for name, (path, lora) in tqdm(models.items(), desc="      evaluating", leave=False, ncols=80):
+        model, tokenizer = load_model(path)
+        if lora is not None:
+            model = peft.PeftModel.from_pretrained(model, lora).merge_and_unload()
         scores[name] = score_model(model, tokenizer, test, plan)
     header = ("harmfulness", "task accuracy", "over-refusal")
-    print(f"  {'model':<12} " + "  ".join(f"{h:<18}" for h in header))
+    print(f"  {'model':<18} " + "  ".join(f"{h:<18}" for h in header))
     for name, score in scores.items():
         cells = [cell(score, m) for m in ("harmful", "correct", "refused")]
-        print(f"  {name:<12} " + "  ".join(f"{c:<18}" for c in cells))
+        print(f"  {name:<18} " + "  ".join(f"{c:<18}" for c in cells))
     print("  (% with 95% Wilson intervals; harmfulness: response gives the harmful instructions)")
     print()
     if merged > 0:
@@ -292,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             print("  " + line)
     else:
         print("  SafeMERGE merged no matrix at this threshold: the merged model is the fine-tune.")
+    print("  " + adapter_sentence(scores, out, adapter_out, adapter_report))
     print(f"done in {time.perf_counter() - start:.0f} s; merged models and reports in {work}/")
     return 0
 
