@@ -174,8 +174,8 @@ def scan_figure(document: dict[str, Any]):
         gridspec_kw={"width_ratios": [1.6 if len(blocks) > 24 else 1.1, 1]},
     )  # fmt: skip
     ax_map.set_facecolor("#c8c8c8")  # no candidate
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad(alpha=0.0)  # NaN cells show the facecolor or the white layer below
+    # NaN cells are transparent: they show the facecolor or the white layer below
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
     white = np.where(unchanged, 1.0, np.nan)
     ax_map.imshow(white, aspect="auto", cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
     image = ax_map.imshow(grid, aspect="auto", cmap=cmap, vmin=0.0, vmax=1.0,
