@@ -11,6 +11,8 @@ and runs, alternating and repeated, each as a child process measured by benchmar
 * ``linear``: mergekit ``linear`` over the same four models: what users compare against;
 * ``safemerge``: this project on the four dense models;
 * ``naive``: SafeMERGE with the projection C formed densely (the authors' approach);
+* ``unchecked``: ``safemerge`` without its NaN/Inf check of every output tensor
+  (benchmarks/unchecked_safemerge.py; ``naive`` has no such check): what the check costs;
 * ``adapters``: ``safemerge`` with ``finetuned_adapter`` / ``safety_adapter`` (LoRA factors read
   directly; only the aligned and unaligned models are full models);
 * ``lora_cache``: ``safemerge`` with ``aligned+adapter`` inputs through mergekit's
@@ -62,9 +64,10 @@ SCENARIOS = {  # name -> (target modules, full fine-tune)
     "full": (ALL_LINEAR, True),
 }
 RUNS = (
-    "io_floor", "passthrough", "linear", "safemerge", "naive", "adapters", "lora_cache",
-    "adapter_out", "startup",
+    "io_floor", "passthrough", "linear", "safemerge", "naive", "unchecked", "adapters",
+    "lora_cache", "adapter_out", "startup",
 )  # fmt: skip
+CONFIG_OF = {"adapter_out": "adapters", "unchecked": "safemerge"}  # runs sharing a recipe
 STARTUP_IMPORTS = (
     "import torch, mergekit.merge, mergekit.plan, peft, mergekit_safemerge.mergekit_method"
 )
@@ -73,6 +76,10 @@ FLOORS = ("io_floor", "passthrough")
 # (label, run, reference run, measure, target ratio or None): the targets, in one place
 RATIO_CHECKS = (
     ("safemerge wall / naive dense-C", "safemerge", "naive", "wall_s", 1.0),
+    ("unchecked wall / naive dense-C (safemerge without its output NaN/Inf check, which naive "
+     "lacks)", "unchecked", "naive", "wall_s", None),
+    ("safemerge wall / unchecked (what the output NaN/Inf check costs)", "safemerge",
+     "unchecked", "wall_s", None),
     ("safemerge wall / linear", "safemerge", "linear", "wall_s", 1.05),
     ("adapters wall / lora_cache", "adapters", "lora_cache", "wall_s", 0.6),
     ("adapters max RSS / linear", "adapters", "linear", "max_rss_bytes", 1.5),
@@ -152,8 +159,9 @@ def command(
         return [str(BIN / "safemerge"), "adapter", str(config), str(out), "--quiet",
                 "--device", device]  # fmt: skip
     flags = ["--no-copy-tokenizer", "--quiet", "--device", device]
-    if run == "naive":
-        return [sys.executable, str(HERE / "naive_safemerge.py"), str(config), str(out), *flags]
+    if run in ("naive", "unchecked"):
+        script = HERE / f"{run}_safemerge.py"
+        return [sys.executable, str(script), str(config), str(out), *flags]
     if run == "lora_cache":
         flags += ["--lora-merge-cache", str(cache), "--lora-merge-dtype", "float32"]
     return [str(BIN / "mergekit-yaml"), str(config), str(out), *flags]
@@ -210,7 +218,7 @@ def main() -> None:
         order = runs[repeat % len(runs) :] + runs[: repeat % len(runs)]  # rotate the order
         for run in order:
             out, cache = work / f"out-{run}", work / f"cache-{run}"
-            config = configs.get("adapters" if run == "adapter_out" else run, Path())
+            config = configs.get(CONFIG_OF.get(run, run), Path())
             argv = command(run, config, out, cache, args.device, paths)
             result = run_measured(argv, env=env)
             if result["returncode"] != 0:

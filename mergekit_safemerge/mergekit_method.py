@@ -39,7 +39,7 @@ from mergekit_safemerge.roles import (
     assign_roles,
 )
 from mergekit_safemerge.roles import Role as RoleName
-from mergekit_safemerge.rule import NonFiniteInput, RuleSettings, apply_rule
+from mergekit_safemerge.rule import NonFiniteInput, RuleSettings, all_finite, apply_rule
 from mergekit_safemerge.session import current_session
 from mergekit_safemerge.targets import is_candidate, parse_targets
 from mergekit_safemerge.updates import WORK_DTYPE, LoraFactors, Update
@@ -178,20 +178,18 @@ def _update(
 def _name_non_finite(name: str, entries: dict[str, TensorEntry], adapters: dict[str, str]) -> None:
     """Raise the one-line error naming the input with a NaN or Inf."""
     for role, entry in entries.items():
-        if not bool(torch.isfinite(entry.tensor).all()):
+        if not all_finite(entry.tensor):
             raise SafeMergeError(f"tensor {name} of model {entry.id} ({role}) contains NaN or Inf")
     for role, spec in adapters.items():
         factors = _adapter_update(spec, role, name, entries[ALIGNED])
-        if factors is not None and not bool(torch.isfinite(factors.dense()).all()):
+        if factors is not None and not all_finite(factors.dense()):
             raise SafeMergeError(f"tensor {name}: adapter {spec} ({role}) contains NaN or Inf")
     raise SafeMergeError(f"tensor {name}: the updates overflow float32")
 
 
 def _check_finite_output(name: str, output: torch.Tensor, source: str) -> None:
-    """A non-finite output tensor stops the run (one reduction, no temporary)."""
-    if not output.is_floating_point() or bool(torch.isfinite(output.sum(dtype=torch.float32))):
-        return
-    if not bool(torch.isfinite(output).all()):
+    """A non-finite output tensor stops the run."""
+    if not all_finite(output):
         raise SafeMergeError(
             f"tensor {name} of {source} contains NaN or Inf; SafeMERGE does not write a "
             "model with non-finite weights"

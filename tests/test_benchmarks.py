@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("scenario", "runs"),
     [("qv", ("io_floor", "passthrough", "linear", "safemerge", "naive", "adapters",
              "adapter_out")),
-     ("full", ("io_floor", "safemerge", "naive"))],
+     ("full", ("io_floor", "safemerge", "naive", "unchecked"))],
 )  # fmt: skip
 def test_bench_merge_smoke(scenario, runs, tmp_path):
     results = tmp_path / "perf.md"
@@ -30,6 +30,8 @@ def test_bench_merge_smoke(scenario, runs, tmp_path):
     for run in runs:
         assert f"| {run} |" in text
     assert "safemerge wall / naive dense-C" in text
+    if scenario == "full":
+        assert "safemerge wall / unchecked (what the output NaN/Inf check costs)" in text
     if scenario == "qv":
         assert "safemerge wall / linear" in text and "adapters max RSS / linear" in text
     assert not (tmp_path / "work").exists()

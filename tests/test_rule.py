@@ -11,7 +11,7 @@ from mergekit.merge_methods import TensorGroup
 from mergekit_safemerge.errors import SafeMergeError
 from mergekit_safemerge.mergekit_method import SAFEMERGE
 from mergekit_safemerge.records import KEPT, MERGED
-from mergekit_safemerge.rule import RuleSettings, apply_rule
+from mergekit_safemerge.rule import RuleSettings, all_finite, apply_rule
 from mergekit_safemerge.session import MergeSession, active_session
 from mergekit_safemerge.targets import is_candidate, matches_targets, parse_targets
 
@@ -269,3 +269,29 @@ def test_the_binding_never_modifies_its_inputs(threshold, name, tiny_roles, lora
     if m["aligned"].ndim == 2:
         SAFEMERGE([group], parameters=parameters)
         assert all(torch.equal(m[k], inputs[k]) for k in m)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_all_finite_agrees_with_isfinite_everywhere(dtype):
+    """One bad entry anywhere (every lane of a vector register, across thread chunks), any
+    dtype: the one-pass check agrees with ``isfinite(t).all()``; large finite values whose sum
+    overflows are finite."""
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.randn(257, 129, generator=generator).to(dtype)
+    assert all_finite(clean)
+    positions = [*range(70), *torch.randint(0, clean.numel(), (60,), generator=generator).tolist()]
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for position in positions:
+            tensor = clean.clone().view(-1)
+            tensor[position] = bad
+            assert not all_finite(tensor.view(clean.shape)), (bad, position)
+            assert bool(torch.isfinite(tensor).all()) is False
+    large = torch.zeros(1 << 22, dtype=dtype)  # split across threads
+    for position in (0, (1 << 21) + 7, (1 << 22) - 1):
+        large[position] = float("nan")
+        assert not all_finite(large)
+        large[position] = 0.0
+    huge = torch.full((4096,), torch.finfo(dtype).max / 2, dtype=dtype)
+    assert all_finite(huge) and not bool(torch.isfinite(huge.sum()))
+    assert all_finite(torch.empty(0, 3, dtype=dtype))
+    assert all_finite(torch.tensor([1, 2], dtype=torch.int32))
