@@ -97,6 +97,11 @@ def folder_megabytes(folder: str, name: str) -> float:
     return os.path.getsize(os.path.join(folder, name)) / 1e6
 
 
+def shown(command: list[str]) -> str:
+    """A command as the user would type it from the repository root."""
+    return shlex.join(os.path.relpath(c) if os.path.exists(c) else c for c in command)
+
+
 def merge_command(config: str, out: str) -> list[str]:
     return [
         os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"),
@@ -211,16 +216,15 @@ def adapter_sentence(scores: dict[str, Score], out: str, adapter_out: str, repor
     adapter_mb = folder_megabytes(adapter_out, "adapter_model.safetensors")
     model_mb = folder_megabytes(out, "model.safetensors")
     sizes = f"{adapter_mb:.2f} MB of rank {report['adapter']['rank']}, model {model_mb:.1f} MB"
+    said = f"The same recipe written as a LoRA adapter by safemerge adapter ({sizes}) made the same"
     if differ == 0:
         return (
-            f"The same recipe written as a LoRA adapter by safemerge adapter ({sizes}) made the "
-            f"same decisions and, loaded with PEFT on the aligned model, gave the same outcome "
+            f"{said} decisions and, loaded with PEFT on the aligned model, gave the same outcome "
             f"for every test prompt."
         )
     return (
-        f"The same recipe written as a LoRA adapter by safemerge adapter ({sizes}) made the "
-        f"same decisions but, loaded with PEFT, gave a different outcome on {differ} of {total} "
-        f"judged outcomes (float rounding between the two routes)."
+        f"{said} decisions but, loaded with PEFT, gave a different outcome on {differ} of "
+        f"{total} judged outcomes (float rounding between the two routes)."
     )
 
 
@@ -283,13 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     config = recipe("safemerge", threshold=setting["threshold"])
     out = os.path.join(work, "safemerge")
     command = merge_command(config, out)
-    print("      " + shlex.join(os.path.relpath(c) if os.path.exists(c) else c for c in command))
+    print("      " + shown(command))
     run_merges({"SafeMERGE": command})
     report = read_report(out)
     adapter_out = os.path.join(work, "safemerge-adapter")
     adapter = adapter_command(config, adapter_out)
     print("      the same recipe as one LoRA adapter instead of a model:")
-    print("      " + shlex.join(os.path.relpath(c) if os.path.exists(c) else c for c in adapter))
+    print("      " + shown(adapter))
     run_merges({"SafeMERGE adapter": adapter + ["--quiet"]}, done="written")
     adapter_report = read_report(adapter_out)
     if not same_decisions(report, adapter_report):
