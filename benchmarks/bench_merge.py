@@ -69,7 +69,7 @@ RUNS = (
 )  # fmt: skip
 CONFIG_OF = {"adapter_out": "adapters", "unchecked": "safemerge"}  # runs sharing a recipe
 STARTUP_IMPORTS = (
-    "import torch, mergekit.merge, mergekit.plan, peft, mergekit_safemerge.mergekit_method"
+    "import torch, mergekit.merge, mergekit.plan, peft, mergekit_safemerge.binding.method"
 )
 LORA_RUNS = ("adapters", "lora_cache", "adapter_out")  # not in the full fine-tune scenario
 FLOORS = ("io_floor", "passthrough")

@@ -19,8 +19,8 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
-from mergekit_safemerge.mergekit_method import PARAMETERS
-from mergekit_safemerge.targets import is_candidate, parse_targets
+from mergekit_safemerge.binding.method import PARAMETER_SPECS
+from mergekit_safemerge.core.targets import is_candidate, parse_targets
 
 NAME = "safemerge_naive"
 
@@ -30,8 +30,8 @@ class NaiveDenseSafeMerge(GroupMergeMethod):
 
     spec = MergeMethodSpec(
         name=NAME,
-        parameters=tuple(p for p in PARAMETERS if p.name in ("role", "threshold", "safety_weight",
-                                                              "targets")),
+        parameters=tuple(p for p in PARAMETER_SPECS
+                         if p.name in ("role", "threshold", "safety_weight", "targets")),
         contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=3, max_non_base=3),
     )  # fmt: skip
 

@@ -22,7 +22,7 @@ def register() -> None:
     (``MERGEKIT_SAFEMERGE_AUTOLOAD=0`` or ``python -S``) or that want it explicit.
     """
     from mergekit_safemerge import _autoload
-    from mergekit_safemerge.registration import register_method
+    from mergekit_safemerge.binding.registration import register_method
 
     register_method()
     _autoload.hook_mergekit()

@@ -4,13 +4,14 @@
 ``os`` and ``sys`` and puts a finder at the front of ``sys.meta_path`` that wraps the loaders of
 a few modules so that a callback runs right after each has executed:
 
-* ``mergekit.merge_methods`` and ``mergekit_safemerge.mergekit_method``: once both have executed,
-  :func:`mergekit_safemerge.registration.register_method` adds ``safemerge`` to mergekit's
+* ``mergekit.merge_methods`` and ``mergekit_safemerge.binding.method``: once both have executed,
+  :func:`mergekit_safemerge.binding.registration.register_method` adds ``safemerge`` to mergekit's
   registry. When mergekit is imported first, its callback imports the method module; when the
   method module is imported first (it imports mergekit itself), the registration waits for the
   method module to finish;
 * ``mergekit.merge``: ``run_merge`` is wrapped so that SafeMERGE merges are validated first,
-  written aside and published atomically, with their report (:mod:`mergekit_safemerge.run`);
+  written aside and published atomically, with their report
+  (:mod:`mergekit_safemerge.binding.wrap`);
 * ``mergekit.scripts.run_yaml``: the ``mergekit-yaml`` command reads a SafeMERGE configuration
   with one-line errors (YAML syntax, unknown keys, devices).
 
@@ -25,7 +26,7 @@ import sys
 _AUTOLOAD_ENV = "MERGEKIT_SAFEMERGE_AUTOLOAD"  # same value as mergekit_safemerge.AUTOLOAD_ENV
 _OFF_VALUES = frozenset({"0", "false", "no", "off"})
 _MERGE_METHODS = "mergekit.merge_methods"
-_METHOD_MODULE = "mergekit_safemerge.mergekit_method"
+_METHOD_MODULE = "mergekit_safemerge.binding.method"
 
 _executed = set()
 """Watched modules whose execution has finished (our own bookkeeping, no interpreter state)."""
@@ -43,7 +44,7 @@ def _warn(what, error):
 
 
 def _register():
-    from mergekit_safemerge.registration import register_method
+    from mergekit_safemerge.binding.registration import register_method
 
     register_method()
 
@@ -61,13 +62,13 @@ def _on_method_module(_module):
 
 
 def _wrap_run_merge(module):
-    from mergekit_safemerge.run import wrap_run_merge
+    from mergekit_safemerge.binding.wrap import wrap_run_merge
 
     module.run_merge = wrap_run_merge(module.run_merge)
 
 
 def _wrap_mergekit_yaml(module):
-    from mergekit_safemerge.run import wrap_mergekit_yaml
+    from mergekit_safemerge.binding.wrap import wrap_mergekit_yaml
 
     wrap_mergekit_yaml(module.main)
 

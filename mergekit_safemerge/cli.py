@@ -5,6 +5,9 @@ command for. Options that mean what they mean in mergekit are mergekit's own (sa
 and defaults: ``--cuda``, ``--device``, ``--lora-merge-cache``, ``--quiet``, ``-v``, ...).
 Every error a user can cause is one ``Error: ...`` line; ``-v`` shows library warnings and
 tracebacks.
+
+Each command imports what it runs when it runs (deferred on purpose: ``safemerge --help`` and
+``report`` need neither torch nor mergekit's merge; ``eval`` needs the ``eval`` extra).
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ import warnings
 from collections.abc import Callable, Iterator
 
 import click
+from mergekit.options import PrettyPrintHelp, add_merge_options
+from transformers.utils import logging as hf_logging
 
 from mergekit_safemerge import __version__
 from mergekit_safemerge.errors import SafeMergeError
+from mergekit_safemerge.outputs.folder import describe_os_error
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -28,8 +34,6 @@ def _mergekit_options(*names: str) -> Callable:
     receives ``merge_options`` (a ``MergeOptions``) as mergekit's commands do."""
 
     def decorate(function: Callable) -> Callable:
-        from mergekit.options import add_merge_options
-
         wrapped = add_merge_options(function)
         keep = set(names)
         wrapped.__click_params__ = [
@@ -40,33 +44,27 @@ def _mergekit_options(*names: str) -> Callable:
     return decorate
 
 
-def _command_class():
-    from mergekit.options import PrettyPrintHelp
-
-    return PrettyPrintHelp
-
-
 @contextlib.contextmanager
 def _library_noise(verbosity: int) -> Iterator[None]:
-    """Hide warnings and progress bars of libraries that a user cannot act on (``-v``: show)."""
+    """Hide warnings and progress bars of libraries that a user cannot act on (``-v``: show),
+    for the command's duration: every setting is restored afterwards."""
     if verbosity:
         yield
         return
-    import logging
-
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", UserWarning)
-        logging.getLogger("transformers").setLevel(logging.ERROR)
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
         try:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.set_verbosity_error()
-            hf_logging.disable_progress_bar()
-        except ImportError:
-            pass
-        yield
+            yield
+        finally:
+            hf_logging.set_verbosity(level)
+            if bars:
+                hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager
@@ -81,8 +79,6 @@ def _one_line_errors(command: str, verbosity: int = 0) -> Iterator[None]:
     except OSError as error:
         if verbosity:
             raise
-        from mergekit_safemerge.output import describe_os_error
-
         target = error.filename or "the output"
         raise click.ClickException(
             f"safemerge {command}: {describe_os_error(error, str(target))}"
@@ -114,7 +110,7 @@ def cli() -> None:
 
 
 # ---------------------------------------------------------------- scan
-@cli.command("scan", cls=_command_class(), context_settings=CONTEXT)
+@cli.command("scan", cls=PrettyPrintHelp, context_settings=CONTEXT)
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @click.option(
     "--out",
@@ -138,56 +134,37 @@ def scan_command(merge_options, config_file: str, out: str) -> None:
     Example:
       safemerge scan recipes/llama-safemerge.yml --out scan/ --lora-merge-cache ~/.cache/lm
     """
-    from mergekit_safemerge.output import OutputFolder
-    from mergekit_safemerge.registration import register_method
-    from mergekit_safemerge.scan.measure import measure_candidates, plain_targets
-    from mergekit_safemerge.scan.outputs import (
-        SCAN_FORMAT,
-        SCAN_JSON,
+    from mergekit_safemerge.binding.config import read_config
+    from mergekit_safemerge.binding.pipeline import publish, run_scan
+    from mergekit_safemerge.outputs.folder import SCAN
+    from mergekit_safemerge.outputs.scan import (
         build_scan,
         terminal_sweep,
         terminal_table,
         write_scan,
     )
-    from mergekit_safemerge.validation import read_config, validate_config
 
     merge_options.apply_global_options()
     with _one_line_errors("scan", merge_options.verbosity), _library_noise(merge_options.verbosity):
-        register_method()
         config, _text = read_config(config_file)
-        checked = validate_config(config, merge_options)
-        for warning in checked.warnings:
-            click.echo(f"Warning: safemerge: {warning}", err=True)
-        output = OutputFolder(
-            out,
-            manifest=SCAN_JSON,
-            manifest_format=SCAN_FORMAT,
-            patterns=("scan.*",),
-            inputs=checked.input_labels(),
-            what="scan folder",
-        )
-        output.check()
-        settings = checked.report_settings(merge_options, config.dtype)
-        records = measure_candidates(config, merge_options, targets=plain_targets(settings))
-        document = build_scan(records, settings, checked.role_sources())
-        with output:
-            write_scan(document, output.staging)
-            output.publish()
-    summary = document["summary"]
-    click.echo(terminal_table(document))
+        prepared, records = run_scan(config, out, merge_options, SCAN)
+        report = build_scan(records, prepared.settings, prepared.checked.role_sources())
+        publish(prepared, report, lambda staging: write_scan(report, staging), "the scan")
+    summary = report.summary
+    click.echo(terminal_table(report))
     click.echo(
-        f"select {settings['select']}, threshold {settings['threshold']}: merges "
+        f"select {report.settings.select}, threshold {report.settings.threshold}: merges "
         f"{summary['merged']} of {summary['changed']} changed matrices "
         f"({summary['candidates']} candidates)"
     )
     click.echo("\nthreshold sweep (merge when rho < tau):")
-    click.echo(terminal_sweep(document))
-    written = ", ".join(os.path.join(out, name) for name in document["files"])
+    click.echo(terminal_sweep(report))
+    written = ", ".join(os.path.join(out, name) for name in report.files)
     click.echo(f"\nwrote {written}")
 
 
 # ---------------------------------------------------------------- adapter
-@cli.command("adapter", cls=_command_class(), context_settings=CONTEXT)
+@cli.command("adapter", cls=PrettyPrintHelp, context_settings=CONTEXT)
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @click.argument("out_path", type=click.Path())
 @click.option(
@@ -216,9 +193,9 @@ def adapter_command(merge_options, config_file: str, out_path: str, compact: boo
       safemerge adapter recipes/llama3.1-8b-instruct-safemerge.yml out/safe-gsm8k-lora
       # then, in Python: PeftModel.from_pretrained(aligned_model, "out/safe-gsm8k-lora")
     """
-    from mergekit_safemerge.adapter_output import run_adapter
-    from mergekit_safemerge.report import terminal_summary
-    from mergekit_safemerge.validation import read_config
+    from mergekit_safemerge.binding.config import factor_recipe, read_config
+    from mergekit_safemerge.binding.pipeline import run_adapter
+    from mergekit_safemerge.outputs.report import terminal_summary
 
     merge_options.apply_global_options()
     with (
@@ -226,10 +203,10 @@ def adapter_command(merge_options, config_file: str, out_path: str, compact: boo
         _library_noise(merge_options.verbosity),
     ):
         config, _text = read_config(config_file)
-        document = run_adapter(config, out_path, merge_options, compact=compact)
+        report = run_adapter(factor_recipe(config), out_path, merge_options, compact=compact)
     if not merge_options.quiet:
-        adapter = document["adapter"]
-        click.echo(terminal_summary(document))
+        adapter = report.adapter
+        click.echo(terminal_summary(report))
         click.echo(
             f"  adapter: rank {adapter['rank']}"
             + ("" if adapter["uniform_rank"] else " with rank_pattern")
@@ -249,15 +226,15 @@ def report_command(path: str) -> None:
     Example:
       safemerge report out/
     """
-    from mergekit_safemerge.report import read_report, terminal_summary
+    from mergekit_safemerge.outputs.report import read_report, terminal_summary
 
     with _one_line_errors("report"):
-        document = read_report(path)
-    click.echo(terminal_summary(document))
+        report = read_report(path)
+    click.echo(terminal_summary(report))
 
 
 # ---------------------------------------------------------------- demo-models
-@cli.command("demo-models", cls=_command_class(), context_settings=CONTEXT)
+@cli.command("demo-models", cls=PrettyPrintHelp, context_settings=CONTEXT)
 @click.argument("out_dir", type=click.Path())
 @click.option(
     "--arch",
@@ -286,31 +263,23 @@ def demo_models_command(out_dir: str, arch: str, layers: int, random_seed: int) 
     Example:
       safemerge demo-models .demo/models && mergekit-yaml recipes/demo-safemerge.yml out/demo
     """
-    from mergekit_safemerge.output import MODEL_OUTPUT_PATTERNS, OutputFolder, write_json_atomic
-    from mergekit_safemerge.testing.tiny_models import ROLE_FOLDERS, build_role_models
+    from mergekit_safemerge.binding.pipeline import signals_as_exceptions
+    from mergekit_safemerge.demo.tiny_models import ROLE_FOLDERS, build_role_models
+    from mergekit_safemerge.outputs.folder import DEMO_MODELS, OutputFolder
 
-    manifest = "demo_models.json"
     with _one_line_errors("demo-models"), _library_noise(0):
-        output = OutputFolder(
-            out_dir,
-            manifest=manifest,
-            manifest_format="safemerge-demo-models",
-            patterns=(*MODEL_OUTPUT_PATTERNS, manifest),
-            what="folder",
-        )
+        output = OutputFolder(out_dir, DEMO_MODELS, what="folder")
         output.check()
-        with output:
+        with signals_as_exceptions(), output:
             build_role_models(output.staging, arch, seed=random_seed, num_layers=layers)
-            files = sorted({*output.staged_files(), manifest})
-            document = {
-                "format": "safemerge-demo-models",
-                "arch": arch,
-                "layers": layers,
-                "random_seed": random_seed,
-                "files": files,
-            }
-            write_json_atomic(os.path.join(output.staging, manifest), document)
-            output.publish()
+            output.publish(
+                {
+                    "format": DEMO_MODELS.format,
+                    "arch": arch,
+                    "layers": layers,
+                    "random_seed": random_seed,
+                }
+            )
     for role in ROLE_FOLDERS:
         click.echo(f"{role:<10} {os.path.join(out_dir, role)}")
 
@@ -327,7 +296,7 @@ def _prompts(path: str | None, limit: int | None, *, task: bool = False) -> list
     return items[:limit]
 
 
-@cli.command("eval", cls=_command_class(), context_settings=CONTEXT)
+@cli.command("eval", cls=PrettyPrintHelp, context_settings=CONTEXT)
 @click.argument("model")
 @click.option(
     "--harmful",
@@ -394,7 +363,7 @@ def _prompts(path: str | None, limit: int | None, *, task: bool = False) -> list
     help="Result JSON  [default: MODEL/safemerge_eval.json, or ./ for a Hub id]",
 )
 @_mergekit_options("cuda", "device", "trust_remote_code", "quiet", "verbosity")
-def eval_command(merge_options, model: str, **options) -> None:  # noqa: PLR0913
+def eval_command(merge_options, model: str, **options) -> None:
     """Score a model: harmfulness, task accuracy and over-refusal, with 95% intervals.
 
     MODEL is a folder (e.g. a merge output) or a Hub id. Responses are greedy; harmful ones are

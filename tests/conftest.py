@@ -10,7 +10,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from mergekit_safemerge.testing.tiny_models import RoleModels, build_role_models  # noqa: E402
+from mergekit_safemerge.demo.tiny_models import RoleModels, build_role_models  # noqa: E402
 
 
 @pytest.fixture(scope="session")

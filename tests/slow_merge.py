@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 
-from mergekit_safemerge.mergekit_method import SafeMergeMethod
+from mergekit_safemerge.binding.method import SafeMergeMethod
 
 _original = SafeMergeMethod.merge_group
 

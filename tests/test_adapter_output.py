@@ -382,3 +382,30 @@ def test_an_output_folder_holding_someone_elses_adapter_is_refused(setup, tmp_pa
         tmp_path,
     )
     _adapter_fails(config, adapters["task"], r"is the folder of adapter", capsys, tmp_path)
+
+
+@pytest.mark.slow
+def test_one_output_kind_per_folder(setup, tmp_path, capsys):
+    """An adapter never replaces a merged model (nor the reverse): one line naming what is there
+    and the two ways out; the folder is left exactly as it was."""
+    tiny, adapters = setup
+    parameters = {"finetuned_adapter": adapters["task"], "safety_adapter": adapters["safety"]}
+    config = write_config(tmp_path / "c.yml", _roles(tiny), targets=TARGETS, **parameters)
+    model, adapter = tmp_path / "model", tmp_path / "adapter"
+    assert run_mergekit_in_process(config, model).exit_code == 0
+    _adapter(config, adapter)
+    for out, command in ((model, "adapter"), (adapter, "merge")):
+        before = tree_snapshot(out)
+        if command == "adapter":
+            code = safemerge_main(["adapter", str(config), str(out), "--quiet"])
+            line = capsys.readouterr().err.strip().splitlines()[-1]
+            what, other = "merged model written by mergekit-yaml", "adapter"
+        else:
+            result = run_mergekit_in_process(config, out)
+            code, line = result.exit_code, error_line(result.output)
+            what, other = "adapter written by safemerge adapter", "merged model"
+        assert code == 1
+        assert f"holds a {what} (safemerge_report.json); write the {other} to another folder, " \
+               "or remove that folder yourself first" in line, line  # fmt: skip
+        assert tree_snapshot(out) == before
+    _adapter(config, adapter)  # a rerun of the same kind replaces its own output

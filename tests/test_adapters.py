@@ -11,8 +11,8 @@ import torch
 from conftest import make_lora_adapter
 from helpers import load_state, run_mergekit, run_mergekit_in_process, write_config
 
-from mergekit_safemerge.adapters import LoraAdapter, open_adapter
 from mergekit_safemerge.errors import SafeMergeError
+from mergekit_safemerge.lora.read import AdapterReader, LoraAdapter
 
 TARGETS = "q_proj,v_proj"
 
@@ -61,13 +61,15 @@ def test_unsupported_adapters_are_refused(tiny_roles, tmp_path):
         LoraAdapter(str(tmp_path))
 
 
-def test_open_adapter_reopens_a_retrained_adapter(tiny_roles, tmp_path):
+def test_a_run_opens_an_adapter_once_and_a_retrained_one_again(tiny_roles, tmp_path):
     tiny = tiny_roles("llama")
     path = make_lora_adapter(tiny.paths["aligned"], str(tmp_path / "a"), seed=1)
-    first = open_adapter(path)
-    assert open_adapter(path) is first
+    reader = AdapterReader()
+    first = reader.open(path)
+    assert reader.open(path) is first
+    assert AdapterReader().open(path) is not first  # nothing outlives its run
     make_lora_adapter(tiny.paths["aligned"], path, seed=2)
-    assert open_adapter(path) is not first
+    assert reader.open(path) is not first
 
 
 def _roles_with_adapters(tiny, adapters):

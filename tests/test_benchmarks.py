@@ -57,7 +57,7 @@ def test_synthetic_adapters_reproduce_the_finetuned_model(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from synthetic import SHAPES, build_synthetic_roles
 
-    from mergekit_safemerge.adapters import LoraAdapter
+    from mergekit_safemerge.lora.read import LoraAdapter
 
     paths = build_synthetic_roles(str(tmp_path), SHAPES["tiny"], adapters=True, dtype=torch.float32)
     from helpers import load_state

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergekit_safemerge.combine import (
+from mergekit_safemerge.core.combine import (
     dare_linear_combine,
     linear_combine,
     tensor_seed,
@@ -86,7 +86,7 @@ def test_ties_matches_an_elementwise_oracle(density):
 
 
 def test_linear_with_factors_equals_dense_and_leaves_inputs_alone():
-    from mergekit_safemerge.updates import LoraFactors
+    from mergekit_safemerge.core.updates import LoraFactors
 
     w, _, _ = _inputs()
     g = torch.Generator().manual_seed(3)
@@ -102,6 +102,6 @@ def test_linear_with_factors_equals_dense_and_leaves_inputs_alone():
 def test_rule_table_names_every_combine_value():
     from typing import get_args
 
-    from mergekit_safemerge.combine import COMBINE_RULES, CombineName
+    from mergekit_safemerge.core.combine import COMBINE_RULES, CombineName
 
     assert set(COMBINE_RULES) == set(get_args(CombineName))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import dense_projection, oracle_rho
 
-from mergekit_safemerge.criterion import (
+from mergekit_safemerge.core.criterion import (
     alignment_cosine,
     alignment_criterion,
     alignment_projection,
@@ -14,7 +14,7 @@ from mergekit_safemerge.criterion import (
     low_rank_factors,
     may_be_exactly_low_rank,
 )
-from mergekit_safemerge.updates import LoraFactors
+from mergekit_safemerge.core.updates import LoraFactors
 
 SHAPES = [(48, 48), (16, 64), (64, 16), (32, 96), (80, 24)]  # square, GQA-like out<in, out>in
 
@@ -208,7 +208,7 @@ def test_factored_degenerate_cases():
 
 @pytest.mark.parametrize("shape", [(600, 700), (513, 513), (64, 90), (1030, 1030)])
 def test_gram_product_by_blocks_is_the_full_product(shape):
-    from mergekit_safemerge.criterion import gram_product
+    from mergekit_safemerge.core.criterion import gram_product
 
     g = torch.Generator().manual_seed(shape[0])
     x, y = torch.randn(shape, generator=g), torch.randn(shape, generator=g)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from mergekit_safemerge.decide import (
+from mergekit_safemerge.core.decide import (
     decide,
     rank_matrices,
     redecide,
@@ -13,8 +13,8 @@ from mergekit_safemerge.decide import (
     threshold_selects,
     threshold_sweep,
 )
+from mergekit_safemerge.core.records import KEPT, MERGED, MatrixRecord
 from mergekit_safemerge.errors import SafeMergeError
-from mergekit_safemerge.records import KEPT, MERGED, MatrixRecord
 
 RHOS = {"a.q": 0.5, "b.q": 0.1, "c.v": 0.9, "d.v": 0.3, "e.q": 0.3, "f.v": 0.7}
 MODULES = {name: name.split(".")[1] for name in RHOS}

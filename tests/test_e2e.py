@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import load_state, oracle_state, run_mergekit, write_config
 
-from mergekit_safemerge.report import REPORT_FILENAME
+from mergekit_safemerge.outputs.report import REPORT_FILENAME
 
 TARGETS = ("q_proj", "v_proj")
 

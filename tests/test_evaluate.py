@@ -127,7 +127,7 @@ def tiny_model_dir(tmp_path_factory):
     """A random tiny LlamaForCausalLM with the character-level tokenizer, saved to a folder."""
     import transformers
 
-    from mergekit_safemerge.testing.tiny_models import save_tiny_tokenizer, tiny_config
+    from mergekit_safemerge.demo.tiny_models import save_tiny_tokenizer, tiny_config
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-guard")

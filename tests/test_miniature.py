@@ -544,20 +544,33 @@ def test_demo_falls_back_when_results_belong_to_other_models(tmp_path):
     assert demo.chosen_configuration(str(path), other)[0] == demo.FALLBACK
 
 
+def _report(*matrices, adapter=None):
+    from mergekit_safemerge.core.records import MatrixRecord
+    from mergekit_safemerge.core.settings import Settings
+    from mergekit_safemerge.outputs.report import Report
+
+    records = [
+        MatrixRecord(
+            name=name, shape=(4, 4), rho=rho, decision=decision, reason="", delta_norm=1.0,
+            safety_norm=1.0, alignment_norm=1.0, delta_safety_cosine=0.0, criterion="dense",
+            threshold=0.35, safety_weight=0.2, combine="linear", density=1.0,
+        )
+        for name, rho, decision in matrices
+    ]  # fmt: skip
+    return Report(Settings(), {}, records, adapter=adapter)
+
+
 def test_demo_compares_the_adapter_route_with_the_full_model(tmp_path):
-    full = {"matrices": [{"name": "q", "rho": 0.31, "decision": "merged"}]}
-    same = {"matrices": [{"name": "q", "rho": 0.31 + 2e-6, "decision": "merged"}]}
-    assert demo.same_decisions(full, same)
-    assert not demo.same_decisions(full, {"matrices": [{**same["matrices"][0], "rho": 0.32}]})
-    assert not demo.same_decisions(
-        full, {"matrices": [{"name": "q", "rho": 0.31, "decision": "kept"}]}
-    )
-    assert not demo.same_decisions(full, {"matrices": []})
+    full = _report(("q", 0.31, "merged"))
+    assert demo.same_decisions(full, _report(("q", 0.31 + 2e-6, "merged")))
+    assert not demo.same_decisions(full, _report(("q", 0.32, "merged")))
+    assert not demo.same_decisions(full, _report(("q", 0.31, "kept")))
+    assert not demo.same_decisions(full, _report())
     for name, size in (("model", 2_800_000), ("adapter", 130_000)):
         (tmp_path / name).mkdir()
         weights = "model.safetensors" if name == "model" else "adapter_model.safetensors"
         (tmp_path / name / weights).write_bytes(b"0" * size)
-    report_doc = {"adapter": {"rank": 16}}
+    report_doc = _report(adapter={"rank": 16})
     scores = {"SafeMERGE": _score(3, 7), "SafeMERGE adapter": _score(3, 7)}
     text = demo.adapter_sentence(
         scores, str(tmp_path / "model"), str(tmp_path / "adapter"), report_doc

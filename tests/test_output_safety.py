@@ -29,7 +29,7 @@ from helpers import (
 from safetensors.torch import load_file, save_file
 
 from mergekit_safemerge.errors import SafeMergeError
-from mergekit_safemerge.output import DestinationLock, OutputFolder
+from mergekit_safemerge.outputs.folder import MODEL, DestinationLock, OutputFolder
 
 HERE = Path(__file__).parent
 TARGETS = "q_proj,v_proj"
@@ -232,7 +232,7 @@ def test_sigkill_then_rerun_with_another_shard_count(config, tmp_path):
 
 # ---------------------------------------------------------------- full disk, model card
 def test_disk_full_while_writing_the_report(config, tmp_path, monkeypatch):
-    import mergekit_safemerge.output as output
+    import mergekit_safemerge.outputs.folder as output
 
     def full(path, document):
         raise OSError(errno.ENOSPC, "No space left on device", path)
@@ -299,22 +299,21 @@ def test_manifest_never_reaches_outside_the_folder(tmp_path):
     (out / REPORT).write_text(json.dumps(
         {"format": "safemerge-report", "files": ["../precious.txt", REPORT]}
     ))  # fmt: skip
-    folder = OutputFolder(str(out), manifest=REPORT, manifest_format="safemerge-report")
+    folder = OutputFolder(str(out), MODEL)
     with folder:
-        (Path(folder.staging) / REPORT).write_text("{}")
-        folder.publish()
+        folder.publish({"format": "safemerge-report"})
     assert (tmp_path / "precious.txt").read_text() == "mine"
 
 
 def test_a_file_appearing_during_the_run_is_never_overwritten(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    folder = OutputFolder(str(out), manifest=REPORT, manifest_format="safemerge-report")
+    folder = OutputFolder(str(out), MODEL)
     with folder:
         (Path(folder.staging) / "config.json").write_text("new")
         (out / "config.json").write_text("the user's, written meanwhile")
         with pytest.raises(SafeMergeError, match="config.json appeared there during the run"):
-            folder.publish()
+            folder.publish({"format": "safemerge-report"})
     assert (out / "config.json").read_text() == "the user's, written meanwhile"
     kept = tmp_path / "out.unpublished"
     assert (kept / "config.json").read_text() == "new"

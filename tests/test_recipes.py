@@ -25,8 +25,8 @@ import yaml
 from conftest import make_lora_adapter
 from helpers import load_state, run_mergekit
 
-from mergekit_safemerge.report import REPORT_FILENAME
-from mergekit_safemerge.testing.tiny_models import ROLE_FOLDERS, RoleModels, build_role_models
+from mergekit_safemerge.demo.tiny_models import ROLE_FOLDERS, RoleModels, build_role_models
+from mergekit_safemerge.outputs.report import REPORT_FILENAME
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 RECIPES_DOC = RECIPES.parent / "docs" / "recipes.md"

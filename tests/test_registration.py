@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from helpers import load_state, run_mergekit
 
+import mergekit_safemerge
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -78,14 +80,19 @@ def test_registry_otherwise_unchanged():
 
 @pytest.mark.slow
 def test_importing_our_modules_first_still_registers():
-    # modules that import mergekit themselves, first thing in a fresh interpreter
-    for module in ("mergekit_method", "registration", "validation", "run", "scan.measure", "cli"):
+    """Whichever of our modules is imported first in a fresh interpreter (those that import
+    mergekit themselves), the hook registers the method and wraps run_merge, with no warning."""
+    for module in (
+        "binding.method", "binding.registration", "binding.config", "binding.pipeline",
+        "binding.executor", "binding.wrap", "cli",
+    ):  # fmt: skip
         out = _python(
             f"import mergekit_safemerge.{module}\n"
             "import mergekit.merge\n"
             "from mergekit.merge_methods import get\n"
             "wrapped = getattr(mergekit.merge.run_merge, '__safemerge_wrapped__', False)\n"
-            "print(get('safemerge').spec.name, wrapped)"
+            "print(get('safemerge').spec.name, wrapped)",
+            args=("-W", "error::RuntimeWarning"),
         )
         assert out == "safemerge True", module
 
@@ -195,25 +202,53 @@ def test_regular_wheel_install_registers(tmp_path):
     assert out == "safemerge True"
 
 
-def test_pure_core_imports_no_mergekit():
-    """The rule and everything it uses import torch only (mergekit's DARE/TIES blocks load when
-    such a rule runs)."""
-    pure = ("rule", "criterion", "combine", "decide", "records", "roles", "updates", "targets",
-            "output", "errors")  # fmt: skip
-    imports = "; ".join(f"import mergekit_safemerge.{m}" for m in pure)
-    out = _python(
-        f"import sys; {imports}\n"
-        "print(any(m == 'mergekit' or m.startswith('mergekit.') for m in sys.modules))",
-        env={"MERGEKIT_SAFEMERGE_AUTOLOAD": "0"},
+def _package_modules(folder: str) -> list[str]:
+    root = Path(mergekit_safemerge.__file__).parent
+    return sorted(
+        f"mergekit_safemerge.{folder}.{p.stem}" if p.stem != "__init__" else
+        f"mergekit_safemerge.{folder}"
+        for p in (root / folder).glob("*.py")
+    )  # fmt: skip
+
+
+def _imported_after(modules: list[str], check: str) -> str:
+    imports = "; ".join(f"import {m}" for m in modules)
+    return _python(
+        f"import sys; {imports}\nprint({check})", env={"MERGEKIT_SAFEMERGE_AUTOLOAD": "0"}
     )
-    assert out == "False"
+
+
+def test_pure_core_imports_no_mergekit():
+    """Every module of core/ imports torch only: no mergekit (its DARE/TIES blocks load when
+    such a rule runs), nothing of the package above the core."""
+    modules = _package_modules("core")
+    assert "mergekit_safemerge.core.rule" in modules
+    out = _imported_after(
+        [*modules, "mergekit_safemerge.outputs.folder", "mergekit_safemerge.errors"],
+        "sorted(m for m in sys.modules if m == 'mergekit' or m.startswith(("
+        "'mergekit.', 'mergekit_safemerge.binding', 'mergekit_safemerge.lora', "
+        "'mergekit_safemerge.cli', 'mergekit_safemerge.eval')))",
+    )
+    assert out == "[]"
+
+
+def test_binding_imports_no_edge():
+    """The binding (method, passes, checks, pipeline, wrappers) never imports the edges: the
+    CLI, evaluation, plotting, the scan's outputs, the demo models."""
+    out = _imported_after(
+        _package_modules("binding"),
+        "sorted(m for m in sys.modules if m.startswith(('mergekit_safemerge.cli', "
+        "'mergekit_safemerge.eval', 'mergekit_safemerge.outputs.scan', 'mergekit_safemerge.demo', "
+        "'matplotlib')))",
+    )
+    assert out == "[]"
 
 
 @pytest.mark.slow
 def test_importing_our_modules_has_no_side_effect_on_mergekit():
     """With the hook off, importing the method module registers nothing and wraps nothing."""
     out = _python(
-        "import mergekit_safemerge.mergekit_method, mergekit_safemerge.run\n"
+        "import mergekit_safemerge.binding.method, mergekit_safemerge.binding.pipeline\n"
         "import mergekit.merge\n"
         "from mergekit.merge_methods import registered_methods\n"
         "print('safemerge' in {m.spec.name for m in registered_methods()},"

@@ -8,12 +8,12 @@ import torch
 from helpers import oracle_rho
 from mergekit.merge_methods import TensorGroup
 
+from mergekit_safemerge.binding.method import SAFEMERGE
+from mergekit_safemerge.binding.passes import MergePass, running
+from mergekit_safemerge.core.records import KEPT, MERGED
+from mergekit_safemerge.core.rule import RuleSettings, all_finite, apply_rule
+from mergekit_safemerge.core.targets import is_candidate, matches_targets, parse_targets
 from mergekit_safemerge.errors import SafeMergeError
-from mergekit_safemerge.mergekit_method import SAFEMERGE
-from mergekit_safemerge.records import KEPT, MERGED
-from mergekit_safemerge.rule import RuleSettings, all_finite, apply_rule
-from mergekit_safemerge.session import MergeSession, active_session
-from mergekit_safemerge.targets import is_candidate, matches_targets, parse_targets
 
 IDS = ("aligned", "unaligned", "finetuned", "safety")
 ROLE = {"unaligned": "unaligned", "finetuned": "finetuned", "safety": "safety"}
@@ -118,12 +118,12 @@ def test_record_carries_every_applied_value():
     )  # fmt: skip
 
 
-def test_measure_only_merges_nothing():
+def test_measuring_output_merges_nothing():
     m = _matrices()
     result = apply_rule(
         "w", m["aligned"], m["unaligned"], m["finetuned"] - m["aligned"],
         m["safety"] - m["aligned"], RuleSettings(threshold=1.0, safety_weight=0.2),
-        measure_only=True,
+        output="none",
     )  # fmt: skip
     assert result.output is None and result.record.decision == MERGED
 
@@ -145,7 +145,7 @@ def test_targets_and_candidates():
 
 def test_group_flow_merges_only_candidates():
     m = _matrices()
-    with active_session(MergeSession()) as session:
+    with running(MergePass()) as session:
         merged = _run(_group(m), threshold=1.0)
         outside = _run(
             _group(m, name="model.layers.0.self_attn.k_proj.weight"),

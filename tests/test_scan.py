@@ -11,7 +11,7 @@ import torch
 from helpers import BIN, load_state, oracle_state, run_mergekit_in_process, write_config
 
 from mergekit_safemerge.cli import main as safemerge_main
-from mergekit_safemerge.scan.outputs import PNG_WIDTH, SCAN_CSV, SCAN_JSON, SCAN_PNG
+from mergekit_safemerge.outputs.scan import PNG_WIDTH, SCAN_CSV, SCAN_JSON, SCAN_PNG
 
 TARGETS = "q_proj,v_proj"
 
@@ -79,8 +79,8 @@ def test_png_is_a_valid_image(scanned):
 
 def _document(blocks: int, unchanged=()):
     """A scan document of ``blocks`` blocks x 7 modules, rho spread over [0, 1]."""
-    from mergekit_safemerge.records import KEPT, MatrixRecord
-    from mergekit_safemerge.scan.outputs import build_scan
+    from mergekit_safemerge.core.records import KEPT, MatrixRecord
+    from mergekit_safemerge.outputs.scan import build_scan
 
     modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     records = []
@@ -93,15 +93,16 @@ def _document(blocks: int, unchanged=()):
                 alignment_norm=1.0, delta_safety_cosine=0.0, criterion="dense", threshold=0.35,
                 safety_weight=0.2, combine="linear", density=1.0,
             ))  # fmt: skip
-    settings = {"threshold": 0.35, "select": "threshold", "k": 0, "seed": 0}
-    return build_scan(records, settings, {"aligned": "a"})
+    from mergekit_safemerge.core.settings import Settings
+
+    return build_scan(records, Settings(threshold=0.35), {"aligned": "a"})
 
 
 @pytest.mark.parametrize("blocks", [4, 32, 80])
 def test_scan_picture_is_readable_from_4_to_80_blocks(blocks, tmp_path):
     import matplotlib.pyplot as plt
 
-    from mergekit_safemerge.scan.outputs import plot_scan, scan_figure
+    from mergekit_safemerge.outputs.scan import plot_scan, scan_figure
 
     document = _document(blocks, unchanged={(1, "v_proj")})
     figure = scan_figure(document)
@@ -225,3 +226,57 @@ def test_scan_console_script(tiny_roles, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "threshold sweep" in result.stdout and "SafeMERGE scan" in result.stderr
     assert result.stdout.splitlines()[0].split() == ["block", "q_proj", "v_proj"]
+
+
+# ---------------------------------------------------------------- mergekit's own Python API
+def _python_api_roles(tiny) -> tuple[dict[str, dict], dict[str, str]]:
+    states = {role: load_state(tiny.paths[role]) for role in ("aligned", "unaligned", "finetuned",
+                                                              "safety")}  # fmt: skip
+    return states, {role: role for role in ("unaligned", "finetuned", "safety")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("mode", "k"), [("lowest_k", 3), ("highest_k", 3), ("random_k", 3)])
+def test_ranking_modes_through_mergekits_python_api_equal_mergekit_yaml(mode, k, scanned, tmp_path):
+    """``merge_state_dicts`` without our run integration ranks over every tensor it is given and
+    gives the tensors ``mergekit-yaml`` writes for the same recipe."""
+    from mergekit.merge_methods.api import merge_state_dicts
+
+    tiny, _, _ = scanned
+    states, roles = _python_api_roles(tiny)
+    parameters = {"targets": TARGETS, "select": mode, "k": k, "seed": 11}
+    merged = merge_state_dicts(
+        states, "safemerge", parameters={"role": roles, **parameters}, base="aligned"
+    )
+    config = write_config(tmp_path / "c.yml", tiny.paths, **parameters)
+    result = run_mergekit_in_process(config, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    written = load_state(tmp_path / "out")
+    assert set(written) <= set(merged)
+    for name, tensor in written.items():
+        assert torch.equal(merged[name], tensor), name
+    expected = _expected_selection(_oracle_rhos(tiny), mode, k, seed=11)
+    changed = {n for n in states["finetuned"] if not torch.equal(merged[n], states["finetuned"][n])}
+    assert changed == expected
+
+
+@pytest.mark.slow
+def test_ranking_mode_in_mergekits_graph_without_the_run_integration_is_one_line(scanned):
+    """mergekit's graph hands the method one tensor at a time: a ranking mode cannot be decided
+    there, and says so instead of ranking each tensor alone."""
+    from mergekit.merge_methods.base import TensorGroup
+
+    from mergekit_safemerge.binding.method import SAFEMERGE
+    from mergekit_safemerge.errors import SafeMergeError
+
+    tiny, _, _ = scanned
+    states, roles = _python_api_roles(tiny)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    group = TensorGroup.from_tensors(
+        [states[r][name] for r in ("aligned", "unaligned", "finetuned", "safety")],
+        ids=["aligned", "unaligned", "finetuned", "safety"], base_index=0, name=name,
+    )  # fmt: skip
+    parameters = {"role": roles, "select": "lowest_k", "k": 1}
+    bound = SAFEMERGE._bind_parameters((group,), parameters)
+    with pytest.raises(SafeMergeError, match="needs SafeMERGE's run_merge integration"):
+        SAFEMERGE._execute_resolved((group,), bound)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from mergekit_safemerge.updates import (
+from mergekit_safemerge.core.updates import (
     LoraFactors,
     dense,
     frobenius_norm,

@@ -40,6 +40,7 @@ from benchmarks.miniature.run import (  # noqa: E402
     score_model,
 )
 from benchmarks.miniature.train import build_world, quiet_libraries  # noqa: E402
+from mergekit_safemerge.outputs.report import Report, read_report  # noqa: E402
 
 FALLBACK = {"threshold": 0.5, "weight": 0.5, "lambda": 0.5}
 """Used only when results.json does not belong to the shipped models (say so when used)."""
@@ -78,11 +79,11 @@ def adapter_command(config: str, out: str) -> list[str]:
     return [os.path.join(os.path.dirname(sys.executable), "safemerge"), "adapter", config, out]
 
 
-def same_decisions(full: dict, adapter: dict) -> bool:
+def same_decisions(full: Report, adapter: Report) -> bool:
     """Both reports decide every matrix alike (same decision, rho equal to float32 rounding)."""
 
-    def decisions(report: dict) -> dict[str, tuple]:
-        return {m["name"]: (m["rho"], m["decision"]) for m in report["matrices"]}
+    def decisions(report: Report) -> dict[str, tuple]:
+        return {m.name: (m.rho, m.decision) for m in report.matrices}
 
     a, b = decisions(full), decisions(adapter)
     return a.keys() == b.keys() and all(
@@ -205,7 +206,7 @@ def explain(
     return lines
 
 
-def adapter_sentence(scores: dict[str, Score], out: str, adapter_out: str, report: dict) -> str:
+def adapter_sentence(scores: dict[str, Score], out: str, adapter_out: str, report: Report) -> str:
     """Whether the adapter route gave the same outcome as the full model on every test prompt."""
     full, lora = scores["SafeMERGE"], scores["SafeMERGE adapter"]
     fields = ("harmful", "correct", "refused", "complied", "helpful")
@@ -215,7 +216,7 @@ def adapter_sentence(scores: dict[str, Score], out: str, adapter_out: str, repor
     total = sum(len(getattr(full, f)) for f in fields)
     adapter_mb = folder_megabytes(adapter_out, "adapter_model.safetensors")
     model_mb = folder_megabytes(out, "model.safetensors")
-    sizes = f"{adapter_mb:.2f} MB of rank {report['adapter']['rank']}, model {model_mb:.1f} MB"
+    sizes = f"{adapter_mb:.2f} MB of rank {report.adapter['rank']}, model {model_mb:.1f} MB"
     said = f"The same recipe written as a LoRA adapter by safemerge adapter ({sizes}) made the same"
     if differ == 0:
         return (
@@ -242,7 +243,6 @@ def main(argv: list[str] | None = None) -> int:
     import peft
 
     from mergekit_safemerge.eval import load_model
-    from mergekit_safemerge.report import read_report
 
     profile = shipped.demo_profile()
     plan = PROFILES["full"][1]
@@ -298,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     adapter_report = read_report(adapter_out)
     if not same_decisions(report, adapter_report):
         raise SystemExit("safemerge adapter decided differently from mergekit-yaml (reports)")
-    merged = report["summary"]["merged"]
-    changed = report["summary"]["changed"]
+    merged = report.summary["merged"]
+    changed = report.summary["changed"]
     random_control = 0 < merged < changed
     control_out = os.path.join(work, "control")
     if random_control:
@@ -320,10 +320,10 @@ def main(argv: list[str] | None = None) -> int:
         run_merges({control: merge_command(control_config, control_out)})
 
     print(f"[3/4] SafeMERGE's decision per matrix (merge when rho < {setting['threshold']:g}):")
-    for m in report["matrices"]:
-        if m["rho"] is not None:
-            name = m["name"].removeprefix("model.").removesuffix(".weight")
-            print(f"      {name:<28} rho {m['rho']:.3f}  {m['decision']}")
+    for m in report.matrices:
+        if m.rho is not None:
+            name = m.name.removeprefix("model.").removesuffix(".weight")
+            print(f"      {name:<28} rho {m.rho:.3f}  {m.decision}")
 
     test = eval_sets(profile.world, "test")
     print(

@@ -357,8 +357,8 @@ def per_matrix_ablation(runner: Runner, fraction: float, weight: float) -> list[
     aligned weight. In memory, with the package's pure functions (analysis, not a method)."""
     import peft
 
-    from mergekit_safemerge.combine import linear_combine
-    from mergekit_safemerge.criterion import alignment_cosine
+    from mergekit_safemerge.core.combine import linear_combine
+    from mergekit_safemerge.core.criterion import alignment_cosine
     from mergekit_safemerge.eval import load_model
 
     world = runner.world

@@ -4,7 +4,7 @@ miniature benchmark; registered in-process only (:func:`register`), never instal
 Per candidate matrix (2-D, non-vocabulary, inside ``targets``), with the aligned model as base:
 
 * ``D = W_ft - W_al``, ``V = W_al - W_unal``, ``rho = cos(C D, D)`` with ``C = V V^T / ||V||_F``
-  (:func:`mergekit_safemerge.criterion.alignment_cosine`);
+  (:func:`mergekit_safemerge.core.criterion.alignment_cosine`);
 * if ``rho <= tau`` (SafeLoRA's rule, ``<=`` and default ``tau = 0.5``) the update is projected,
   ``W = W_al + C D`` with ``C D = V (V^T D) / ||V||_F`` (``C`` is never formed);
 * otherwise ``W = W_ft``. Everything else is the fine-tuned tensor.
@@ -29,8 +29,8 @@ from mergekit.merge_methods.base import (
 )
 from pydantic import Field
 
-from mergekit_safemerge.criterion import alignment_cosine, alignment_projection
-from mergekit_safemerge.targets import is_candidate, parse_targets
+from mergekit_safemerge.core.criterion import alignment_cosine, alignment_projection
+from mergekit_safemerge.core.targets import is_candidate, parse_targets
 
 METHOD_NAME = "safelora_projection"
 RECORDS: list[dict] = []

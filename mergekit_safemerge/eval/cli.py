@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
+import click
+
 from mergekit_safemerge.errors import SafeMergeError
+from mergekit_safemerge.eval.generation import load_model
+from mergekit_safemerge.eval.judges import LlamaGuardJudge, RefusalPatternJudge
+from mergekit_safemerge.eval.scoring import PromptSets, evaluate, summary_text
+from mergekit_safemerge.outputs.folder import read_manifest, write_json_atomic
+from mergekit_safemerge.sources import looks_local
 
 EVAL_FORMAT = "safemerge-eval"
 
 
 def _load(model: str, **kwargs):
     """``load_model`` with one-line errors for a missing folder or an unreachable Hub id."""
-    from mergekit_safemerge.eval.generation import load_model
-
-    local = model.startswith(("/", "./", "../", "~")) or model.count("/") != 1
-    if local and not os.path.isdir(model):
+    if looks_local(model) and not os.path.isdir(model):
         raise SafeMergeError(f"model {model}: no such folder")
     try:
         return load_model(model, **kwargs)
@@ -30,16 +33,10 @@ def _output_path(model: str, out: str | None) -> str:
     path = out or os.path.join(folder, "safemerge_eval.json")
     if os.path.isdir(path):
         raise SafeMergeError(f"--out {path} is a folder; give a file name")
-    if os.path.exists(path):
-        try:
-            with open(path, encoding="utf-8") as fp:
-                ours = json.load(fp).get("format") == EVAL_FORMAT
-        except (OSError, ValueError, AttributeError):
-            ours = False
-        if not ours:
-            raise SafeMergeError(
-                f"--out {path} exists and is not a safemerge eval result; choose another file"
-            )
+    if os.path.exists(path) and read_manifest(path, EVAL_FORMAT) is None:
+        raise SafeMergeError(
+            f"--out {path} exists and is not a safemerge eval result; choose another file"
+        )
     return path
 
 
@@ -51,12 +48,6 @@ def run_eval(
     merge_options,
     options: dict[str, Any],
 ) -> None:
-    import click
-
-    from mergekit_safemerge.eval.judges import LlamaGuardJudge, RefusalPatternJudge
-    from mergekit_safemerge.eval.scoring import PromptSets, evaluate, summary_text
-    from mergekit_safemerge.output import write_json_atomic
-
     device = merge_options.device or "cpu"
     out = _output_path(model, options["out"])
     refusal = (

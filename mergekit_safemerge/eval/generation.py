@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+import transformers
+from tqdm import tqdm
+
 
 def load_model(path: str, *, device: str = "cpu", dtype: str = "float32"):
     """``(model, tokenizer)`` in eval mode; the tokenizer pads on the left for generation."""
-    import torch
-    import transformers
-
     torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
@@ -47,9 +48,6 @@ def generate_from_texts(
 
     Texts are batched in order of length (less padding) and returned in input order; with
     ``progress`` a tqdm bar counts the prompts."""
-    import torch
-    from tqdm import tqdm
-
     encoded = [tokenizer(t, add_special_tokens=add_special_tokens).input_ids for t in texts]
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(texts)

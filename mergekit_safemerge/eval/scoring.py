@@ -16,6 +16,7 @@ same folder.
 from __future__ import annotations
 
 import json
+import shlex
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -217,8 +218,6 @@ def summary_text(result: dict[str, Any]) -> str:
 
 def lm_eval_command(model: str) -> str:
     """The lm-evaluation-harness command for the paper's utility tasks on ``model`` (to paste)."""
-    import shlex
-
     return (
         f"lm_eval --model hf --model_args {shlex.quote('pretrained=' + model)} "
         "--tasks gsm8k,pubmedqa --batch_size auto"

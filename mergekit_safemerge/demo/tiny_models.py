@@ -20,8 +20,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import transformers
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
-from mergekit_safemerge.targets import matches_targets
+from mergekit_safemerge.core.targets import matches_targets
 
 ARCHITECTURES = ("llama", "qwen2", "gemma2")
 ROLE_FOLDERS = ("unaligned", "aligned", "finetuned", "safety")
@@ -29,8 +32,6 @@ ROLE_FOLDERS = ("unaligned", "aligned", "finetuned", "safety")
 
 def tiny_config(arch: str = "llama", num_layers: int = 2):
     """A ~100k-parameter config of ``arch`` (GQA for all: 4 query heads, 2 key/value heads)."""
-    import transformers
-
     common = dict(
         vocab_size=256,
         hidden_size=64,
@@ -51,9 +52,6 @@ def tiny_config(arch: str = "llama", num_layers: int = 2):
 
 def save_tiny_tokenizer(out_dir: str) -> None:
     """A character-level tokenizer over the 256-entry vocabulary, saved next to a model."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
     characters = [chr(c) for c in range(32, 32 + 256 - len(specials))]
     vocab = {token: i for i, token in enumerate(specials + characters)}
@@ -146,8 +144,6 @@ def build_role_models(
     tokenizer: bool = True,
 ) -> RoleModels:
     """Write ``unaligned``, ``aligned``, ``finetuned`` and ``safety`` folders under ``out_dir``."""
-    import transformers
-
     torch.manual_seed(seed)
     config = tiny_config(arch, num_layers)
     model = transformers.AutoModelForCausalLM.from_config(config)

@@ -6,26 +6,31 @@ staging folder and nothing else. Around that:
 
 * the destination must not be a file, a dangling link, or overlap an input folder (be, contain
   or sit inside a model or adapter the run reads);
-* an existing destination may hold an earlier output of the same kind, listed in its manifest
-  (the ``files`` of ``safemerge_report.json`` / ``scan.json``), which is replaced as a whole so
-  no stale shard survives, and files that no output would write (a log, notes), which are left
-  alone; anything else that looks like an output (``config.json``, weights, a model card) stops
-  the run before any tensor is read;
+* one output kind per folder (:class:`OutputKind`: a merged model, an adapter, a scan, demo
+  models): an existing destination may hold an earlier output of the same kind, listed in its
+  manifest (the ``files`` of ``safemerge_report.json`` / ``scan.json`` / ``demo_models.json``),
+  which is replaced as a whole so no stale shard survives, and files that no output would write
+  (a log, notes), which are left alone; an output of another kind, or anything else that looks
+  like an output (``config.json``, weights, a model card), stops the run before any tensor is
+  read;
 * one run at a time per destination: an exclusive lock on ``.<name>.safemerge.lock`` next to it
   (released by the kernel if the process dies); a staging folder left by a killed run is removed
-  by the next run that holds the lock.
+  by the next run that holds the lock;
+* :meth:`OutputFolder.publish` writes the manifest itself, last, listing every staged file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import fnmatch
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from mergekit_safemerge.errors import SafeMergeError
@@ -42,6 +47,59 @@ MODEL_OUTPUT_PATTERNS = (
 """Names a merge (model or adapter) may write; such a file not written by SafeMERGE is foreign."""
 
 
+@dataclass(frozen=True)
+class OutputKind:
+    """What a command writes into its folder: the manifest that lists the files (its JSON
+    ``format``, and ``output`` for kinds that share a format), the names it may write, and
+    which command writes it (for messages)."""
+
+    name: str
+    manifest: str
+    format: str
+    command: str
+    patterns: tuple[str, ...] = MODEL_OUTPUT_PATTERNS
+    output: str | None = None
+
+    def owns(self, document: Mapping[str, Any]) -> bool:
+        """Whether a manifest document is one of this kind (a v2 report without ``output`` is a
+        merged model)."""
+        if document.get("format") != self.format:
+            return False
+        return self.output is None or document.get("output", MODEL.output) == self.output
+
+
+REPORT_FILE = "safemerge_report.json"
+MODEL = OutputKind("merged model", REPORT_FILE, "safemerge-report", "mergekit-yaml", output="model")
+ADAPTER = OutputKind(
+    "adapter", REPORT_FILE, "safemerge-report", "safemerge adapter", output="adapter"
+)
+SCAN = OutputKind("scan", "scan.json", "safemerge-scan", "safemerge scan", patterns=("scan.*",))
+DEMO_MODELS = OutputKind(
+    "set of demo models",
+    "demo_models.json",
+    "safemerge-demo-models",
+    "safemerge demo-models",
+    patterns=(*MODEL_OUTPUT_PATTERNS, "demo_models.json"),
+)
+KINDS: tuple[OutputKind, ...] = (MODEL, ADAPTER, SCAN, DEMO_MODELS)
+
+
+def read_manifest(path: str, fmt: str | None = None) -> dict[str, Any] | None:
+    """The JSON object in ``path`` when it is a SafeMERGE manifest (of format ``fmt``, or any
+    ``safemerge-*`` format), else None: the one test of "is this file ours?"."""
+    try:
+        with open(path, encoding="utf-8") as fp:
+            document = json.load(fp)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(document, dict):
+        return None
+    found = document.get("format")
+    if not isinstance(found, str) or not found.startswith("safemerge-"):
+        return None
+    return document if fmt is None or found == fmt else None
+
+
 class DestinationLock:
     """An exclusive lock on ``<parent>/.<name>.safemerge.lock`` (``flock``; the kernel drops it
     when the holder dies). The holder removes the file before unlocking."""
@@ -52,8 +110,6 @@ class DestinationLock:
         self._fd: int | None = None
 
     def acquire(self, what: str) -> None:
-        import fcntl
-
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -101,26 +157,24 @@ def _inside(path: str, folder: str) -> bool:
 class OutputFolder:
     """Where a run's files go: validated first, staged during the run, published at the end.
 
-    ``manifest`` is the JSON file of the output (format ``manifest_format``) whose ``files``
-    list names every file the run published; ``patterns`` are the names any output of this
-    kind may write. ``inputs`` maps a label (``aligned model M``) to a local folder the run reads.
+    ``kind`` says what the run writes (its manifest, the names it may write); ``inputs`` maps a
+    label (``aligned model M``) to a local folder the run reads.
     """
 
     def __init__(
         self,
         destination: str,
+        kind: OutputKind,
         *,
-        manifest: str,
-        manifest_format: str,
-        patterns: Sequence[str] = MODEL_OUTPUT_PATTERNS,
         inputs: Mapping[str, str] | None = None,
         what: str = "output folder",
     ):
-        self.requested = destination
+        if not destination or not destination.strip():
+            raise SafeMergeError(f"the {what} is an empty path (an unset variable?); give a folder")
+        self.kind = kind
         self.destination = os.path.abspath(os.path.expanduser(destination))
-        self.manifest = manifest
-        self.manifest_format = manifest_format
-        self.patterns = tuple(patterns)
+        self.manifest = kind.manifest
+        self.patterns = kind.patterns
         self.inputs = dict(inputs or {})
         self.label = f"{what} {destination}"
         self._lock = DestinationLock(self.destination)
@@ -129,8 +183,13 @@ class OutputFolder:
         self.previous_files: list[str] = []
 
     # -------------------------------------------------------------- before any heavy work
-    def check(self) -> None:
-        """Refuse what could lose data, before any tensor is read (the lock is not held yet)."""
+    def check(self, inputs: Mapping[str, str] | None = None) -> None:
+        """Refuse what could lose data, before any tensor is read (the lock is not held yet).
+
+        ``inputs`` (label -> local folder the run reads) are kept for the check under the lock.
+        """
+        if inputs is not None:
+            self.inputs = dict(inputs)
         path = self.destination
         if os.path.islink(path) and not os.path.exists(path):
             raise SafeMergeError(f"{self.label} is a dangling symbolic link; remove it first")
@@ -151,6 +210,8 @@ class OutputFolder:
                 f"{self.label} {relation} the folder of {label}; write the output elsewhere "
                 "(SafeMERGE never writes into its inputs)"
             )
+        if os.path.isdir(path):
+            self._refuse_other_kinds()
         self.previous_files = self._previous_output() if os.path.isdir(path) else []
         if os.path.isdir(path):
             foreign = self._foreign_files()
@@ -161,17 +222,24 @@ class OutputFolder:
                     "new or empty folder, or move those files away"
                 )
 
+    def _refuse_other_kinds(self) -> None:
+        """One output kind per folder: an earlier output of another kind is never replaced."""
+        for kind in KINDS:
+            if kind == self.kind:
+                continue
+            document = read_manifest(os.path.join(self.destination, kind.manifest), kind.format)
+            if document is None or not kind.owns(document):
+                continue
+            raise SafeMergeError(
+                f"{self.label} holds a {kind.name} written by {kind.command} ({kind.manifest}); "
+                f"write the {self.kind.name} to another folder, or remove that folder yourself "
+                "first"
+            )
+
     def _previous_output(self) -> list[str]:
         """The files an earlier run of this kind published here, from its manifest."""
-        path = os.path.join(self.destination, self.manifest)
-        if not os.path.isfile(path):
-            return []
-        try:
-            with open(path, encoding="utf-8") as fp:
-                document = json.load(fp)
-        except (OSError, UnicodeDecodeError, ValueError):
-            return []
-        if not isinstance(document, dict) or document.get("format") != self.manifest_format:
+        document = read_manifest(os.path.join(self.destination, self.manifest), self.kind.format)
+        if document is None or not self.kind.owns(document):
             return []
         files = document.get("files")
         if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
@@ -266,13 +334,16 @@ class OutputFolder:
     def staged_files(self) -> list[str]:
         return _relative_files(self.staging)
 
-    def publish(self) -> list[str]:
-        """Move the staged files into the destination; returns the published relative paths.
+    def publish(self, manifest: dict[str, Any]) -> list[str]:
+        """Write ``manifest`` (its ``files``: every staged file and itself) into the staging
+        folder, then move the staged files into the destination; returns the published paths.
 
         A new destination is one atomic rename. An existing one first loses the files of the
         earlier output listed in its manifest (the manifest first, so an interruption leaves no
         manifest that lies), then receives the new files, the manifest last.
         """
+        manifest["files"] = sorted({*self.staged_files(), self.manifest})
+        write_json_atomic(os.path.join(self.staging, self.manifest), manifest)
         staged = self.staged_files()
         if not os.path.exists(self.destination):
             os.rename(self.staging, self.destination)

@@ -5,11 +5,12 @@ For one ``out x in`` weight with ``W_al`` (aligned), ``W_un`` (unaligned) and th
 
 1. :func:`measure`: ``V = W_al - W_un``, ``||D||``, ``||S||``, ``||V||``, ``cos(D, S)`` and
    ``rho = cos(C D, D)`` by the cheapest exact route (:mod:`.criterion`);
-2. :func:`~mergekit_safemerge.decide.decide`: merged or kept, with the reason;
+2. :func:`~mergekit_safemerge.core.decide.decide`: merged or kept, with the reason;
 3. a merged matrix is ``W = combine(W_al, D, S)`` (:data:`.combine.COMBINE_RULES`); a kept one
    is the fine-tuned weight itself.
 
-The mergekit binding, the scan and the adapter output all call :func:`apply_rule`.
+Every pass of the mergekit binding (merge, measure, factors) calls :func:`apply_rule`, asking
+for the output it needs (:data:`Output`).
 """
 
 from __future__ import annotations
@@ -17,21 +18,23 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from mergekit_safemerge.combine import COMBINE_RULES, FACTOR_RULES, CombineSettings
-from mergekit_safemerge.criterion import Criterion, alignment_criterion
-from mergekit_safemerge.decide import Decision, decide
-from mergekit_safemerge.errors import SafeMergeError
-from mergekit_safemerge.records import KEPT, MERGED, MatrixRecord
-from mergekit_safemerge.updates import (
+from mergekit_safemerge.core.combine import COMBINE_RULES, FACTOR_RULES, CombineSettings
+from mergekit_safemerge.core.criterion import Criterion, alignment_criterion
+from mergekit_safemerge.core.decide import Decision, decide
+from mergekit_safemerge.core.records import KEPT, MERGED, MatrixRecord
+from mergekit_safemerge.core.settings import Settings
+from mergekit_safemerge.core.updates import (
     WORK_DTYPE,
     LoraFactors,
     Update,
     squared_norm,
     update_cosine,
 )
+from mergekit_safemerge.errors import SafeMergeError
 
 
 class NonFiniteInput(SafeMergeError):
@@ -57,14 +60,20 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 @dataclass(frozen=True)
 class RuleSettings:
-    """The values applied to one matrix (shared parameters, possibly per ``filter:``)."""
+    """The values applied to one matrix (shared parameters, possibly per ``filter:``); the
+    defaults are the parameter table's (:class:`~mergekit_safemerge.core.settings.Settings`)."""
 
-    threshold: float
-    safety_weight: float
-    combine: str = "linear"
-    density: float = 1.0
-    select: str = "threshold"
-    seed: int = 0  # per-tensor seed of dare_linear
+    threshold: float = Settings.threshold
+    safety_weight: float = Settings.safety_weight
+    combine: str = Settings.combine
+    density: float = Settings.density
+    select: str = Settings.select
+    seed: int = 0  # per-tensor seed of dare_linear (derived from the run's seed and the name)
+
+
+Output = Literal["weight", "update", "none"]
+"""What :func:`apply_rule` returns for a merged matrix: the merged ``weight``, its ``update``
+``mix(D, S)`` as LoRA factors (an adapter output), or ``none`` (a measuring pass)."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +91,7 @@ class Measurement:
 class RuleResult:
     """The output (None: keep the fine-tuned weight unchanged) and the record.
 
-    The output is the merged matrix, or with ``as_factors`` the merged update as LoRA factors.
+    The output is the merged matrix, or the merged update as LoRA factors (``output="update"``).
     """
 
     output: torch.Tensor | LoraFactors | None
@@ -190,37 +199,34 @@ def apply_rule(
     settings: RuleSettings,
     *,
     ranking: Mapping[str, str] | None = None,
-    measure_only: bool = False,
     detect_low_rank: bool = True,
-    as_factors: bool = False,
+    output: Output = "weight",
 ) -> RuleResult:
     """SafeMERGE for one candidate matrix.
 
     ``aligned`` and ``unaligned`` are the weights (any float dtype), ``delta`` / ``safety_delta``
     the updates ``D`` and ``S`` (float32 dense, or :class:`LoraFactors`). ``ranking`` holds the
-    selection of a ranking mode (:func:`~mergekit_safemerge.decide.rank_matrices`);
-    ``measure_only`` records the threshold decision and merges nothing (the scan, and the
-    first pass of a ranking mode). The output is None when the matrix keeps its fine-tuned
-    weight; with ``as_factors`` a merged matrix's output is its update ``mix(D, S)`` as LoRA
-    factors (both updates must be factors), not the matrix.
+    selection of a ranking mode (:func:`~mergekit_safemerge.core.decide.rank_matrices`).
+    The output is None when the matrix keeps its fine-tuned weight or ``output="none"``; with
+    ``output="update"`` a merged matrix's output is its update ``mix(D, S)`` as LoRA factors
+    (both updates must be factors), not the matrix.
     """
     base = aligned.to(WORK_DTYPE)
     alignment = base - unaligned
     found = measure(name, alignment, delta, safety_delta, detect_low_rank=detect_low_rank)
     del alignment
-    select = "threshold" if measure_only else settings.select
     decision = decide(
         name,
         None if found.criterion is None else found.criterion.rho,
-        select=select,
+        select=settings.select,
         threshold=settings.threshold,
         ranking=ranking,
         alignment_zero=found.alignment_norm == 0.0,
     )
     shape = (int(aligned.shape[0]), int(aligned.shape[1]))
     record = record_of(name, shape, found, decision, settings)
-    if measure_only or not decision.merged:
+    if output == "none" or not decision.merged:
         return RuleResult(None, record)
-    if as_factors:
+    if output == "update":
         return RuleResult(combine_factors(settings.combine, delta, safety_delta, settings), record)
     return RuleResult(combine(settings.combine, base, delta, safety_delta, settings), record)

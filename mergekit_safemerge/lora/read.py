@@ -12,30 +12,36 @@ the weights that is not the configured ``r`` (or ``rank_pattern``), a module out
 of linear weights (DoRA, LoRA biases, ``modules_to_save``, embedding LoRA, ``fan_in_fan_out``)
 are refused too, so nothing is silently dropped. An adapter may be a local folder or a Hub id
 (``org/name`` or ``org/name@revision``), resolved through huggingface_hub and its cache.
+
+An :class:`AdapterReader` belongs to one run (a pass of the binding, or one check of a
+configuration): it resolves each adapter once and opens each folder once, and is dropped with
+the run. Nothing is cached for the life of the process.
+
+PEFT and safetensors are imported when an adapter is first opened (deferred on purpose: every
+``mergekit-yaml`` process imports this module through the registration, and most never read an
+adapter).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import threading
 from dataclasses import dataclass
 
 import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+from safetensors import SafetensorError, safe_open
 
+from mergekit_safemerge.core.updates import LoraFactors
 from mergekit_safemerge.errors import SafeMergeError
-from mergekit_safemerge.updates import LoraFactors
+from mergekit_safemerge.sources import looks_local, read_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 _FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
-
-
-_open_adapters: dict[tuple[str, int], LoraAdapter] = {}
-_resolved: dict[str, AdapterSource] = {}
-_open_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -54,21 +60,13 @@ def resolve_adapter(spec: str, *, where: str) -> AdapterSource:
     """
     if os.path.isdir(spec):
         return AdapterSource(spec, spec)
-    with _open_lock:
-        cached = _resolved.get(spec)
-    if cached is not None:
-        return cached
-    looks_local = spec.startswith(("/", "./", "../", "~")) or spec.count("/") != 1
-    if looks_local and "@" not in spec:
+    if looks_local(spec) and "@" not in spec:
         raise SafeMergeError(f"{where}: adapter folder {spec} not found")
     repo_id, _, revision = spec.partition("@")
     if repo_id.count("/") != 1:
         raise SafeMergeError(
             f"{where}: adapter {spec} is neither a folder nor a Hub id (org/name[@revision])"
         )
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
     try:
         folder = snapshot_download(
             repo_id, revision=revision or None, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE]
@@ -81,10 +79,7 @@ def resolve_adapter(spec: str, *, where: str) -> AdapterSource:
     except (HFValidationError, OSError, ValueError) as error:
         message = " ".join(str(error).split())
         raise SafeMergeError(f"{where}: cannot fetch Hub adapter {spec} ({message})") from None
-    source = AdapterSource(spec, folder)
-    with _open_lock:
-        _resolved[spec] = source
-    return source
+    return AdapterSource(spec, folder)
 
 
 def _read_config(path: str):
@@ -92,11 +87,7 @@ def _read_config(path: str):
     config_path = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise SafeMergeError(f"adapter {path}: no {CONFIG_FILE} (not a PEFT adapter folder)")
-    try:
-        with open(config_path, encoding="utf-8") as fp:
-            raw = json.load(fp)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise SafeMergeError(f"adapter {path}: {CONFIG_FILE} is not valid JSON ({error})") from None
+    raw = read_json(config_path, f"adapter {path}")
     if not isinstance(raw, dict):
         raise SafeMergeError(f"adapter {path}: {CONFIG_FILE} is not a JSON object")
     if raw.get("peft_type", "LORA") != "LORA":
@@ -140,8 +131,6 @@ class LoraAdapter:
             raise SafeMergeError(
                 f"adapter {path}: no {WEIGHTS_FILE} (save the adapter with safetensors)"
             )
-        from safetensors import SafetensorError, safe_open
-
         try:
             self._file = safe_open(weights_path, framework="pt")
             keys = list(self._file.keys())
@@ -243,17 +232,39 @@ class LoraAdapter:
         return {f"{m}.weight": (up[0], down[1]) for m, (down, up) in self._shapes.items()}
 
 
-def open_adapter(path: str) -> LoraAdapter:
-    """The adapter in folder ``path``, opened once per process (and again if its weights
-    change)."""
-    weights = os.path.join(path, WEIGHTS_FILE)
-    # a retrained adapter at the same path is a new adapter
-    key = (os.path.realpath(path), os.stat(weights).st_mtime_ns if os.path.exists(weights) else 0)
-    with _open_lock:
-        adapter = _open_adapters.get(key)
-        if adapter is None:
-            adapter = _open_adapters[key] = LoraAdapter(path)
-        return adapter
+class AdapterReader:
+    """The adapters of one run: each spec resolved once, each folder opened once (thread-safe;
+    a retrained adapter at the same path is a new adapter)."""
+
+    def __init__(self) -> None:
+        self._sources: dict[str, AdapterSource] = {}
+        self._adapters: dict[tuple[str, int], LoraAdapter] = {}
+        self._lock = threading.Lock()
+
+    def source(self, spec: str, *, where: str) -> AdapterSource:
+        with self._lock:
+            known = self._sources.get(spec)
+        if known is None:
+            known = resolve_adapter(spec, where=where)
+            with self._lock:
+                self._sources[spec] = known
+        return known
+
+    def open(self, path: str) -> LoraAdapter:
+        weights = os.path.join(path, WEIGHTS_FILE)
+        key = (
+            os.path.realpath(path),
+            os.stat(weights).st_mtime_ns if os.path.exists(weights) else 0,
+        )
+        with self._lock:
+            adapter = self._adapters.get(key)
+            if adapter is None:
+                adapter = self._adapters[key] = LoraAdapter(path)
+            return adapter
+
+    def factors(self, spec: str, tensor_name: str, *, where: str) -> LoraFactors | None:
+        """The factors adapter ``spec`` has for ``tensor_name`` (None: it leaves it alone)."""
+        return self.open(self.source(spec, where=where).folder).factors(tensor_name)
 
 
 def check_update_shape(

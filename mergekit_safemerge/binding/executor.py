@@ -1,47 +1,41 @@
-"""Passes of mergekit's own plan, run in memory with the method measuring or collecting.
+"""mergekit's own plan, run in memory with a pass of :mod:`.passes` current; nothing is written.
 
 Same architecture handling, lazy loaders, ``filter:`` values, gradients, dtype and device as the
 merge; each tensor's inputs are read, handed to the method and dropped at once, so peak memory
-stays at a few tensors, as in a merge. Used by ``safemerge scan`` and the first pass of the ranking
-selection modes (:func:`measure_candidates`) and by ``safemerge adapter``, which collects every
-update as LoRA factors (:func:`run_in_memory` with a factor-collecting session). Vocabulary
-tensors (embeddings, ``lm_head``) are never read.
+stays at a few tensors, as in a merge. Used by ``safemerge scan`` and the first pass of the
+ranking selection modes (:func:`measure_candidates`, a :class:`~.passes.MeasurePass`) and by
+``safemerge adapter`` (a :class:`~.passes.FactorPass`). Vocabulary tensors (embeddings,
+``lm_head``) are never read.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
-from mergekit_safemerge.records import MatrixRecord, sort_records
-from mergekit_safemerge.session import MergeSession, active_session
-from mergekit_safemerge.targets import matches_targets, parse_targets
+from mergekit.architecture import get_architecture_info
+from mergekit.config import MergeConfiguration
+from mergekit.graph import Executor
+from mergekit.io.tasks import LoaderCache
+from mergekit.merge import _model_out_config
+from mergekit.options import MergeOptions
+from mergekit.plan import MergePlanner
 
-
-def plain_targets(settings: dict[str, Any]) -> str | None:
-    """The top-level ``targets`` when it is one plain string (not filters)."""
-    targets = settings.get("targets")
-    return targets if isinstance(targets, str) else None
+from mergekit_safemerge.binding.passes import MeasurePass, Pass, running
+from mergekit_safemerge.binding.registration import register_method
+from mergekit_safemerge.core.records import MatrixRecord, sort_records
+from mergekit_safemerge.core.targets import matches_targets, parse_targets
 
 
 def run_in_memory(
-    merge_config,
-    options,
-    session: MergeSession,
+    merge_config: MergeConfiguration,
+    options: MergeOptions,
+    pass_: Pass,
     *,
     keep: Callable[[str], bool],
     desc: str,
 ) -> list[str]:
     """Execute the plan's tasks of the non-vocabulary tensors whose name passes ``keep`` with
-    ``session`` active; returns the names of every non-vocabulary weight of the output model."""
-    from mergekit.architecture import get_architecture_info
-    from mergekit.graph import Executor
-    from mergekit.io.tasks import LoaderCache
-    from mergekit.merge import _model_out_config
-    from mergekit.plan import MergePlanner
-
-    from mergekit_safemerge.registration import register_method
-
+    ``pass_`` current; returns the names of every non-vocabulary weight of the output model."""
     register_method()
     config = merge_config.model_copy(deep=True)  # the planner rewrites its configuration
     arch_info = get_architecture_info(config, options)
@@ -63,14 +57,18 @@ def run_in_memory(
         math_device=options.device,
         storage_device=options.device if options.low_cpu_memory else "cpu",
     )
-    with active_session(session):
+    with running(pass_):
         for _task, _tensor in executor.run(quiet=options.quiet, desc=desc):
-            pass
+            pass  # each result is dropped at once
     return [weight.name for weight in weights]
 
 
 def measure_candidates(
-    merge_config, options, *, targets: str | None = None, desc: str = "SafeMERGE scan"
+    merge_config: MergeConfiguration,
+    options: MergeOptions,
+    *,
+    targets: str | None = None,
+    desc: str = "SafeMERGE scan",
 ) -> list[MatrixRecord]:
     """One record per candidate (threshold decisions), in model order; nothing is written.
 
@@ -78,8 +76,12 @@ def measure_candidates(
     tensors that cannot be candidates; with filters the method decides per tensor.
     """
     modules = parse_targets(targets) if targets else ()
-    session = MergeSession(measure_only=True)
+    measuring = MeasurePass()
     run_in_memory(
-        merge_config, options, session, keep=lambda name: matches_targets(name, modules), desc=desc
+        merge_config,
+        options,
+        measuring,
+        keep=lambda name: matches_targets(name, modules),
+        desc=desc,
     )
-    return sort_records(session.records)
+    return sort_records(measuring.records)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergekit_safemerge.updates import WORK_DTYPE, LoraFactors, Update
+from mergekit_safemerge.core.updates import WORK_DTYPE, LoraFactors, Update
 
 
 def gram_product(matrix: torch.Tensor, other: torch.Tensor, blocks: int = 4) -> torch.Tensor:

@@ -21,8 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
+from mergekit_safemerge.core.records import KEPT, MERGED, MatrixRecord
 from mergekit_safemerge.errors import SafeMergeError
-from mergekit_safemerge.records import KEPT, MERGED, MatrixRecord
 
 SelectMode = Literal["threshold", "lowest_k", "random_k", "highest_k", "all", "none"]
 SELECT_MODES: tuple[str, ...] = get_args(SelectMode)

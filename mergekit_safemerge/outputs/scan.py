@@ -1,8 +1,11 @@
-"""The scan's outputs: the decided document, the terminal table and sweep, CSV/JSON and a PNG.
+"""The scan's outputs: the decided report, the terminal table and sweep, CSV and a PNG.
 
-Input: the records of the measuring pass (:mod:`.measure`). The configured selection mode is
-applied with the same decision function as the merge (:func:`~mergekit_safemerge.decide.redecide`)
-and the threshold sweep counts, for every threshold, what ``rho < threshold`` would merge.
+Input: the records of the measuring pass (:func:`mergekit_safemerge.binding.executor.
+measure_candidates`). The configured selection mode is applied with the same decision function
+as the merge (:func:`~mergekit_safemerge.core.decide.redecide`) and the threshold sweep counts,
+for every threshold, what ``rho < threshold`` would merge. ``scan.json`` is the
+:class:`~.report.Report` itself, written by the output folder as its manifest. matplotlib is
+imported only to draw (deferred on purpose: the ``eval`` extra).
 """
 
 from __future__ import annotations
@@ -11,39 +14,33 @@ import csv
 import math
 import os
 from collections.abc import Sequence
-from typing import Any
 
-from mergekit_safemerge.decide import changed_rhos, redecide, sweep_thresholds, threshold_sweep
-from mergekit_safemerge.records import MERGED, MatrixRecord
+import numpy as np
 
-SCAN_JSON = "scan.json"
+from mergekit_safemerge.core.decide import changed_rhos, redecide, sweep_thresholds, threshold_sweep
+from mergekit_safemerge.core.records import MatrixRecord
+from mergekit_safemerge.core.settings import Settings
+from mergekit_safemerge.outputs.folder import SCAN as SCAN_KIND
+from mergekit_safemerge.outputs.report import Report
+
+SCAN_JSON = SCAN_KIND.manifest
 SCAN_CSV = "scan.csv"
 SCAN_PNG = "scan.png"
-SCAN_FORMAT = "safemerge-scan"
 PNG_WIDTH = 1400  # pixels at 100 dpi; the height grows with the number of blocks
 
 
 def build_scan(
-    records: Sequence[MatrixRecord], settings: dict[str, Any], models: dict[str, str]
-) -> dict[str, Any]:
-    """The scan document: settings, per-matrix figures decided by the configured mode, sweep."""
-    from mergekit_safemerge.report import build_report
-
-    decided = redecide(
-        records,
-        select=settings.get("select", "threshold"),
-        k=settings.get("k", 0),
-        seed=settings.get("seed", 0),
-    )
-    document = build_report(decided, settings, models)
-    document["format"] = SCAN_FORMAT
+    records: Sequence[MatrixRecord], settings: Settings, models: dict[str, str]
+) -> Report:
+    """The scan's report: settings, per-matrix figures decided by the configured mode, sweep."""
+    decided = redecide(records, select=settings.select, k=settings.k, seed=settings.seed)
     rhos = changed_rhos(records)
     modules = {r.name: r.module for r in records}
-    document["sweep"] = threshold_sweep(rhos, modules, sweep_thresholds(rhos))
-    return document
+    sweep = threshold_sweep(rhos, modules, sweep_thresholds(rhos))
+    return Report(settings, models, decided, output="scan", sweep=sweep)
 
 
-def write_csv(document: dict[str, Any], path: str) -> None:
+def write_csv(report: Report, path: str) -> None:
     fields = [
         "name", "module", "block", "rows", "cols", "rho", "threshold", "decision", "reason",
         "delta_norm", "safety_norm", "alignment_norm", "delta_safety_cosine", "criterion",
@@ -52,17 +49,17 @@ def write_csv(document: dict[str, Any], path: str) -> None:
     with open(path, "w", newline="", encoding="utf-8") as fp:
         writer = csv.DictWriter(fp, fieldnames=fields)
         writer.writeheader()
-        for m in document["matrices"]:
+        for m in report.to_json()["matrices"]:
             row = {key: m.get(key) for key in fields}
             row["rows"], row["cols"] = m["shape"]
             writer.writerow(row)
 
 
-def _grid(document: dict[str, Any]) -> tuple[list[int], list[str], dict]:
-    matrices = [m for m in document["matrices"] if m["block"] is not None]
-    blocks = sorted({m["block"] for m in matrices})
-    modules = sorted({m["module"] for m in matrices}, key=_module_order)
-    cells = {(m["block"], m["module"]): m for m in matrices}
+def _grid(report: Report) -> tuple[list[int], list[str], dict[tuple[int, str], MatrixRecord]]:
+    matrices = [m for m in report.matrices if m.block is not None]
+    blocks = sorted({m.block for m in matrices})
+    modules = sorted({m.module for m in matrices}, key=_module_order)
+    cells = {(m.block, m.module): m for m in matrices}
     return blocks, modules, cells
 
 
@@ -73,9 +70,9 @@ def _module_order(module: str) -> tuple[int, str]:
     return (_MODULE_ORDER.index(module) if module in _MODULE_ORDER else len(_MODULE_ORDER), module)
 
 
-def terminal_table(document: dict[str, Any]) -> str:
+def terminal_table(report: Report) -> str:
     """Block x module grid of rho; ``*`` marks a matrix merged by the configured selection."""
-    blocks, modules, cells = _grid(document)
+    blocks, modules, cells = _grid(report)
     width = max(9, *(len(m) + 1 for m in modules)) if modules else 9
     lines = ["block" + "".join(f"{m:>{width}}" for m in modules)]
     for block in blocks:
@@ -84,21 +81,21 @@ def terminal_table(document: dict[str, Any]) -> str:
             m = cells.get((block, module))
             if m is None:
                 text = ""
-            elif m["rho"] is None:
+            elif m.rho is None:
                 text = "D=0"
             else:
-                text = f"{m['rho']:.3f}{'*' if m['decision'] == MERGED else ' '}"
+                text = f"{m.rho:.3f}{'*' if m.merged else ' '}"
             row += f"{text:>{width}}"
         lines.append(row)
     lines.append("* merged with the configured selection; D=0: not changed by the fine-tune")
     return "\n".join(lines)
 
 
-def terminal_sweep(document: dict[str, Any], step: float = 0.05) -> str:
+def terminal_sweep(report: Report, step: float = 0.05) -> str:
     """The sweep on the 0.05 grid: threshold -> merged count, total and per module."""
     rows = [
         r
-        for r in document["sweep"]
+        for r in report.sweep or []
         if abs(r["threshold"] / step - round(r["threshold"] / step)) < 1e-9
     ]
     modules = sorted(rows[0]["by_module"], key=_module_order) if rows else []
@@ -124,16 +121,16 @@ def _block_ticks(blocks: Sequence[int], most: int = 24) -> tuple[list[int], list
     return positions, [str(blocks[i]) for i in positions]
 
 
-def plot_scan(document: dict[str, Any], path: str) -> None:
+def plot_scan(report: Report, path: str) -> None:
     """Write :func:`scan_figure` to ``path`` (PNG)."""
     import matplotlib.pyplot as plt
 
-    fig = scan_figure(document)
+    fig = scan_figure(report)
     fig.savefig(path, dpi=fig.dpi)
     plt.close(fig)
 
 
-def scan_figure(document: dict[str, Any]):
+def scan_figure(report: Report):
     """Heatmap of rho over blocks x modules (merged cells marked) beside the sweep curve.
 
     Blocks run along x, labelled every n-th block beyond 24 (readable from 2 to 80+ blocks).
@@ -145,10 +142,9 @@ def scan_figure(document: dict[str, Any]):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
     from matplotlib.patches import Patch
 
-    blocks, modules, cells = _grid(document)
+    blocks, modules, cells = _grid(report)
     grid = np.full((max(len(modules), 1), max(len(blocks), 1)), np.nan)
     unchanged = np.zeros_like(grid, dtype=bool)
     merged_x, merged_y = [], []
@@ -157,16 +153,15 @@ def scan_figure(document: dict[str, Any]):
             m = cells.get((block, module))
             if m is None:
                 continue
-            if m["rho"] is None:
+            if m.rho is None:
                 unchanged[j, i] = True
             else:
-                grid[j, i] = m["rho"]
-            if m["decision"] == MERGED:
+                grid[j, i] = m.rho
+            if m.merged:
                 merged_x.append(i)
                 merged_y.append(j)
-    settings = document["settings"]
-    threshold = settings.get("threshold")
-    select = settings.get("select", "threshold")
+    threshold = report.settings.threshold
+    select = report.settings.select
     dpi = 100
     height = 5.6 + 0.25 * max(0, len(modules) - 7)
     fig, (ax_map, ax_sweep) = plt.subplots(
@@ -202,7 +197,7 @@ def scan_figure(document: dict[str, Any]):
     if numeric and not math.isnan(threshold):
         colorbar.ax.axhline(threshold, color="red", linewidth=2)
 
-    sweep = document["sweep"]
+    sweep = report.sweep or []
     taus = [r["threshold"] for r in sweep]
     # count(rho < tau) is constant on (rho_i, rho_j]: draw each value back to the previous point
     ax_sweep.step(taus, [r["merged"] for r in sweep], where="pre", label="all", color="black")
@@ -219,13 +214,7 @@ def scan_figure(document: dict[str, Any]):
     return fig
 
 
-def write_scan(document: dict[str, Any], folder: str) -> dict[str, str]:
-    """scan.csv, scan.png and scan.json (last: it lists the files) in ``folder``."""
-    from mergekit_safemerge.output import write_json_atomic
-
-    paths = {name: os.path.join(folder, name) for name in (SCAN_CSV, SCAN_PNG, SCAN_JSON)}
-    write_csv(document, paths[SCAN_CSV])
-    plot_scan(document, paths[SCAN_PNG])
-    document["files"] = sorted(paths)
-    write_json_atomic(paths[SCAN_JSON], document)
-    return paths
+def write_scan(report: Report, folder: str) -> None:
+    """scan.csv and scan.png in ``folder`` (scan.json, the report, is the folder's manifest)."""
+    write_csv(report, os.path.join(folder, SCAN_CSV))
+    plot_scan(report, os.path.join(folder, SCAN_PNG))

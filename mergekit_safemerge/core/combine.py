@@ -2,7 +2,7 @@
 
 Every rule returns ``W = W_aligned + mix(D, S)`` in float32; the caller casts to the model dtype.
 Unselected matrices never reach this module, so they are never sparsified. ``D`` and ``S`` are
-dense tensors or :class:`~mergekit_safemerge.updates.LoraFactors`; :data:`COMBINE_RULES` maps
+dense tensors or :class:`~mergekit_safemerge.core.updates.LoraFactors`; :data:`COMBINE_RULES` maps
 each rule name users write in ``combine:`` to its function. The sparsification and
 sign-consensus steps are mergekit's own (:mod:`mergekit.sparsify`, ``get_mask``), imported when
 a rule that needs them runs, so importing this module imports no mergekit.
@@ -17,7 +17,7 @@ from typing import Literal, get_args
 
 import torch
 
-from mergekit_safemerge.updates import WORK_DTYPE, LoraFactors, Update, dense
+from mergekit_safemerge.core.updates import WORK_DTYPE, LoraFactors, Update, dense
 
 CombineName = Literal["linear", "dare_linear", "ties", "authors_linear"]
 COMBINE_NAMES: tuple[str, ...] = get_args(CombineName)

@@ -1,0 +1,1 @@
+"""PEFT LoRA adapters: read as factors (``read``), written from factors (``write``)."""
