@@ -15,7 +15,7 @@ def main() -> None:
 
     from mergekit_safemerge.binding import passes
 
-    passes._finite = lambda name, tensor, source: tensor
+    passes._finite = lambda name, tensor, source, written=None: tensor
     mergekit_yaml()
 
 

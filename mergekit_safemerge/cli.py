@@ -98,13 +98,14 @@ def _one_line_errors(command: str, verbosity: int = 0) -> Iterator[None]:
 @click.group(context_settings=CONTEXT)
 @click.version_option(__version__, "-V", "--version", prog_name="safemerge")
 def cli() -> None:
-    """SafeMERGE beside the stock `mergekit-yaml` merge: adapter, scan, report, eval, demo models.
+    """SafeMERGE beside the stock `mergekit-yaml` merge: scan, tune, adapter, report, eval.
 
     \b
-    Merge:   mergekit-yaml my-safemerge.yml out/      (stock mergekit, method `safemerge`)
-    Adapter: safemerge adapter my-safemerge.yml out/  (the same merge as a PEFT LoRA adapter)
     Inspect: safemerge scan my-safemerge.yml          (rho of every matrix, threshold sweep)
-             safemerge report out/                    (summary of a finished merge)
+    Choose:  safemerge tune my-safemerge.yml tune/ --harmful h.txt --task t.jsonl
+    Merge:   mergekit-yaml tune/chosen.yml out/       (stock mergekit, method `safemerge`)
+    Adapter: safemerge adapter tune/chosen.yml out/   (the same merge as a PEFT LoRA adapter)
+    Report:  safemerge report out/                    (summary of a finished merge or tune)
     Score:   safemerge eval out/ --harmful h.txt --task t.jsonl
     """
 
@@ -149,7 +150,9 @@ def scan_command(merge_options, config_file: str, out: str) -> None:
         config, _text = read_config(config_file)
         prepared, records = run_scan(config, out, merge_options, SCAN)
         report = build_scan(records, prepared.settings, prepared.checked.role_sources())
-        publish(prepared, report, lambda staging: write_scan(report, staging), "the scan")
+        manifest = report.to_json()
+        publish(prepared, manifest, lambda staging: write_scan(report, staging), "the scan")
+        report.files = manifest["files"]
     summary = report.summary
     click.echo(terminal_table(report))
     click.echo(
@@ -193,7 +196,7 @@ def adapter_command(merge_options, config_file: str, out_path: str, compact: boo
       safemerge adapter recipes/llama3.1-8b-instruct-safemerge.yml out/safe-gsm8k-lora
       # then, in Python: PeftModel.from_pretrained(aligned_model, "out/safe-gsm8k-lora")
     """
-    from mergekit_safemerge.binding.config import factor_recipe, read_config
+    from mergekit_safemerge.binding.config import read_config
     from mergekit_safemerge.binding.pipeline import run_adapter
     from mergekit_safemerge.outputs.report import terminal_summary
 
@@ -203,7 +206,7 @@ def adapter_command(merge_options, config_file: str, out_path: str, compact: boo
         _library_noise(merge_options.verbosity),
     ):
         config, _text = read_config(config_file)
-        report = run_adapter(factor_recipe(config), out_path, merge_options, compact=compact)
+        report = run_adapter(config, out_path, merge_options, compact=compact)
     if not merge_options.quiet:
         adapter = report.adapter
         click.echo(terminal_summary(report))
@@ -214,20 +217,267 @@ def adapter_command(merge_options, config_file: str, out_path: str, compact: boo
         )
 
 
+# ---------------------------------------------------------------- prompts, judges, generation
+def _prompts(path: str | None, limit: int | None, *, task: bool = False) -> list:
+    from mergekit_safemerge.eval import read_records, read_task
+
+    if not path:
+        return []
+    try:
+        items = read_task(path) if task else [r["prompt"] for r in read_records(path)]
+    except ValueError as error:  # a bad line, a task line without an answer
+        raise SafeMergeError(str(error)) from None
+    if not items:
+        raise SafeMergeError(f"{path}: no prompts in the file (it is empty or blank)")
+    return items[:limit]
+
+
+def _stack(*decorators: Callable) -> Callable:
+    """Several click decorators as one, applied in the order written (first on top)."""
+
+    def decorate(function: Callable) -> Callable:
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+
+    return decorate
+
+
+_PROMPT_OPTIONS = _stack(
+    click.option(
+        "--harmful",
+        type=click.Path(dir_okay=False),
+        help='Harmful requests: JSONL with "prompt", or one a line',
+    ),
+    click.option(
+        "--task",
+        type=click.Path(dir_okay=False),
+        help='Task prompts: JSONL of {"prompt", "answer"} (exact match)',
+    ),
+    click.option(
+        "--benign",
+        type=click.Path(dir_okay=False),
+        help="Benign requests for over-refusal: JSONL or one a line",
+    ),
+)
+"""The prompt sets ``safemerge eval`` and ``safemerge tune`` read (the same formats)."""
+
+_JUDGE_AND_GENERATION_OPTIONS = _stack(
+    click.option(
+        "--judge",
+        type=click.Choice(["refusal-pattern", "llama-guard"]),
+        default="refusal-pattern",
+        show_default=True,
+        help="How responses to harmful requests are judged",
+    ),
+    click.option("--guard-model", help="Llama-Guard-3 Hub id or folder (--judge llama-guard)"),
+    click.option(
+        "--guard-prompt",
+        type=click.Choice(["auto", "chat-template", "builtin"]),
+        default="auto",
+        show_default=True,
+        help="Guard prompt: the guard tokenizer's chat template when it has one (auto), or ours",
+    ),
+    click.option(
+        "--guard-dtype", default="bfloat16", show_default=True, help="dtype of the guard model"
+    ),
+    click.option(
+        "--refusal-pattern",
+        multiple=True,
+        help="Refusal regex, repeatable  [default: common English refusal openings]",
+    ),
+    click.option(
+        "--max-new-tokens",
+        type=click.IntRange(min=1),
+        default=64,
+        show_default=True,
+        help="Tokens generated per response",
+    ),
+    click.option(
+        "--batch-size",
+        type=click.IntRange(min=1),
+        default=16,
+        show_default=True,
+        help="Prompts per generation batch",
+    ),
+    click.option(
+        "--limit",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Only the first N prompts of each set",
+    ),
+    click.option(
+        "--dtype", default="float32", show_default=True, help="dtype of the evaluated model"
+    ),
+    click.option(
+        "--no-chat-template", is_flag=True, help="Feed prompts raw, without the chat template"
+    ),
+)
+"""How responses are generated and judged, shared by ``safemerge eval`` and ``safemerge tune``."""
+
+
+def _prompt_sets(options: dict, *, required: tuple[str, ...] = ()):
+    """The prompt files of ``options`` read, each one line on a mistake."""
+    from mergekit_safemerge.eval import PromptSets
+
+    sets = PromptSets(
+        harmful=_prompts(options["harmful"], options["limit"]),
+        task=_prompts(options["task"], options["limit"], task=True),
+        benign=_prompts(options["benign"], options["limit"]),
+    )
+    if not (sets.harmful or sets.task or sets.benign):
+        raise SafeMergeError("give at least one of --harmful, --task, --benign")
+    for name in required:
+        if not getattr(sets, name):
+            raise SafeMergeError(f"give --{name} (validation prompts)")
+    return sets
+
+
+# ---------------------------------------------------------------- tune
+def _numbers(text: str | None, option: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise SafeMergeError(f"{option} {text!r}: give comma-separated numbers") from None
+
+
+@cli.command("tune", cls=PrettyPrintHelp, context_settings=CONTEXT)
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.argument("out_path", type=click.Path())
+@_PROMPT_OPTIONS
+@click.option(
+    "--thresholds",
+    help="Comma-separated thresholds  [default: every distinct cut of the measured rho]",
+)
+@click.option(
+    "--safety-weights", default="0.2,0.5,0.8", show_default=True, help="Comma-separated weights a"
+)
+@click.option(
+    "--lambdas",
+    default="0.2,0.4,0.6,0.8",
+    show_default=True,
+    help="Interpolation weights of the W_al + lambda D control",
+)
+@click.option(
+    "--max-points",
+    type=click.IntRange(min=1),
+    default=24,
+    show_default=True,
+    help="Most thresholds evaluated (spread over the counts of merged matrices)",
+)
+@click.option(
+    "--controls",
+    default=",".join(("finetuned", "aligned", "all", "interpolation", "random", "no-safety")),
+    show_default=True,
+    help="Comparisons evaluated on the same prompts",
+)
+@click.option(
+    "--random-seeds",
+    type=click.IntRange(min=0),
+    default=3,
+    show_default=True,
+    help="random_k draws at the chosen point's count",
+)
+@click.option(
+    "--keep-accuracy",
+    type=float,
+    default=0.95,
+    show_default=True,
+    help="Keep at least this share of the fine-tuned task accuracy",
+)
+@click.option(
+    "--max-over-refusal",
+    type=float,
+    default=0.05,
+    show_default=True,
+    help="Over-refuse at most this much more than the fine-tuned model (with --benign)",
+)
+@click.option(
+    "--write",
+    type=click.Choice(["adapter", "model"]),
+    default=None,
+    help="Also write the chosen merge into OUT/chosen/ (safemerge adapter or a full model)",
+)
+@_JUDGE_AND_GENERATION_OPTIONS
+@_mergekit_options(
+    "lora_merge_cache", "lora_merge_dtype", "transformers_cache", "trust_remote_code", "cuda",
+    "device", "low_cpu_memory", "read_to_gpu", "lazy_unpickle", "num_threads", "random_seed",
+    "quiet", "verbosity",
+)  # fmt: skip
+def tune_command(merge_options, config_file: str, out_path: str, **options) -> None:
+    """Choose the threshold and safety weight on your validation prompts, with controls.
+
+    Reads the recipe mergekit-yaml takes, measures rho once, keeps one model in memory and
+    evaluates every distinct selection of the thresholds at every safety weight, plus the
+    controls (fine-tuned, aligned, select all, interpolation, random_k, S = 0). One rule picks
+    the lowest harmfulness that keeps the task accuracy. Writes tune.json, tune.csv, tune.png
+    and chosen.yml.
+
+    \b
+    Example:
+      safemerge tune recipes/llama-safemerge.yml tune/ --harmful val-harmful.txt \\
+          --task val-gsm8k.jsonl --benign val-benign.txt --lora-merge-cache ~/.cache/lm
+    """
+    from mergekit_safemerge.binding.config import read_config
+    from mergekit_safemerge.eval.cli import check_options, make_judges
+    from mergekit_safemerge.tune.run import TuneSettings, run_tune
+
+    merge_options.apply_global_options()
+    with _one_line_errors("tune", merge_options.verbosity), _library_noise(merge_options.verbosity):
+        check_options({**options, "out": None})
+        settings = TuneSettings(
+            thresholds=_numbers(options["thresholds"], "--thresholds"),
+            safety_weights=_numbers(options["safety_weights"], "--safety-weights"),
+            lambdas=_numbers(options["lambdas"], "--lambdas"),
+            max_points=options["max_points"],
+            controls=tuple(c.strip() for c in options["controls"].split(",") if c.strip()),
+            random_seeds=options["random_seeds"],
+            keep_accuracy=options["keep_accuracy"],
+            max_over_refusal=options["max_over_refusal"],
+            write=options["write"],
+            eval_dtype=options["dtype"],
+            batch_size=options["batch_size"],
+            max_new_tokens=options["max_new_tokens"],
+            chat=not options["no_chat_template"],
+            quiet=merge_options.quiet,
+        )
+        settings.check()
+        config, text = read_config(config_file)
+        sets = _prompt_sets(options, required=("harmful", "task"))
+        judge, refusal = make_judges(options, merge_options)
+        document = run_tune(config, text, out_path, merge_options, sets, judge, refusal, settings)
+    click.echo(document["summary"])
+    click.echo(f"wrote {', '.join(os.path.join(out_path, f) for f in document['files'])}")
+    if document["chosen"] is None:
+        raise click.ClickException(
+            "safemerge tune: no point keeps the task accuracy within the limits; nothing was "
+            "chosen (see the closest point above)"
+        )
+
+
 # ---------------------------------------------------------------- report
 @cli.command("report", context_settings=CONTEXT)
 @click.argument("path", type=click.Path())
 def report_command(path: str) -> None:
-    """Print the summary of a finished SafeMERGE merge (or of a scan).
+    """Print the summary of a finished SafeMERGE merge (or of a scan or a tune).
 
-    PATH is the merged model's folder or its safemerge_report.json.
+    PATH is the merged model's folder or its safemerge_report.json, a scan folder, or a tune
+    folder.
 
     \b
     Example:
       safemerge report out/
     """
+    from mergekit_safemerge.outputs.folder import TUNE, read_manifest
     from mergekit_safemerge.outputs.report import read_report, terminal_summary
 
+    tune = os.path.join(path, TUNE.manifest) if os.path.isdir(path) else path
+    document = read_manifest(tune, TUNE.format) if os.path.isfile(tune) else None
+    if document is not None and isinstance(document.get("summary"), str):
+        click.echo(document["summary"])
+        return
     with _one_line_errors("report"):
         report = read_report(path)
     click.echo(terminal_summary(report))
@@ -285,78 +535,10 @@ def demo_models_command(out_dir: str, arch: str, layers: int, random_seed: int) 
 
 
 # ---------------------------------------------------------------- eval
-def _prompts(path: str | None, limit: int | None, *, task: bool = False) -> list:
-    from mergekit_safemerge.eval import read_records, read_task
-
-    if not path:
-        return []
-    items = read_task(path) if task else [r["prompt"] for r in read_records(path)]
-    if not items:
-        raise SafeMergeError(f"{path}: no prompts in the file (it is empty or blank)")
-    return items[:limit]
-
-
 @cli.command("eval", cls=PrettyPrintHelp, context_settings=CONTEXT)
 @click.argument("model")
-@click.option(
-    "--harmful",
-    type=click.Path(dir_okay=False),
-    help='Harmful requests: JSONL with "prompt", or one a line',
-)
-@click.option(
-    "--task",
-    type=click.Path(dir_okay=False),
-    help='Task prompts: JSONL of {"prompt", "answer"} (exact match)',
-)
-@click.option(
-    "--benign",
-    type=click.Path(dir_okay=False),
-    help="Benign requests for over-refusal: JSONL or one a line",
-)
-@click.option(
-    "--judge",
-    type=click.Choice(["refusal-pattern", "llama-guard"]),
-    default="refusal-pattern",
-    show_default=True,
-    help="How responses to harmful requests are judged",
-)
-@click.option("--guard-model", help="Llama-Guard-3 Hub id or folder (--judge llama-guard)")
-@click.option(
-    "--guard-prompt",
-    type=click.Choice(["auto", "chat-template", "builtin"]),
-    default="auto",
-    show_default=True,
-    help="Guard prompt: the guard tokenizer's chat template when it has one (auto), or ours",
-)
-@click.option(
-    "--guard-dtype", default="bfloat16", show_default=True, help="dtype of the guard model"
-)
-@click.option(
-    "--refusal-pattern",
-    multiple=True,
-    help="Refusal regex, repeatable  [default: common English refusal openings]",
-)
-@click.option(
-    "--max-new-tokens",
-    type=click.IntRange(min=1),
-    default=64,
-    show_default=True,
-    help="Tokens generated per response",
-)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=16,
-    show_default=True,
-    help="Prompts per generation batch",
-)
-@click.option(
-    "--limit", type=click.IntRange(min=1), default=None, help="Only the first N prompts of each set"
-)
-@click.option("--dtype", default="float32", show_default=True, help="dtype of the evaluated model")
-@click.option(
-    "--no-chat-template", is_flag=True, help="Feed prompts raw, without the chat template"
-)
+@_PROMPT_OPTIONS
+@_JUDGE_AND_GENERATION_OPTIONS
 @click.option(
     "--out",
     type=click.Path(dir_okay=False),
@@ -373,16 +555,13 @@ def eval_command(merge_options, model: str, **options) -> None:
     Example:
       safemerge eval out/ --harmful harmful.txt --task gsm8k-lite.jsonl --benign benign.txt
     """
-    from mergekit_safemerge.eval.cli import run_eval
+    from mergekit_safemerge.eval.cli import check_options, run_eval
 
     merge_options.apply_global_options()
     with _one_line_errors("eval", merge_options.verbosity), _library_noise(merge_options.verbosity):
-        harmful = _prompts(options["harmful"], options["limit"])
-        task = _prompts(options["task"], options["limit"], task=True)
-        benign = _prompts(options["benign"], options["limit"])
-        if not (harmful or task or benign):
-            raise SafeMergeError("give at least one of --harmful, --task, --benign")
-        run_eval(model, harmful, task, benign, merge_options, options)
+        check_options(options)
+        sets = _prompt_sets(options)
+        run_eval(model, sets.harmful, sets.task, sets.benign, merge_options, options)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,3 +126,152 @@ def test_the_property_test_saw_both_outcomes():
     if not OUTCOMES:
         pytest.skip("the property test did not run in this session")
     assert OUTCOMES.count(0) >= 5 and OUTCOMES.count(1) >= 5, OUTCOMES
+
+
+# ---------------------------------------------------------------- recipes, not only values
+RECIPES = st.fixed_dictionaries(
+    {
+        "select": st.sampled_from(["threshold", "lowest_k", "random_k", "none"]),
+        "combine": st.sampled_from(["linear", "dare_linear"]),
+        "mutation": st.sampled_from([None, None, "duplicate", "unknown top", "unknown model"]),
+        "filter": st.sampled_from([None, "mlp", "mpl"]),
+        "stored": st.sampled_from(["float32", "bfloat16"]),
+        "shards": st.sampled_from([None, "inside", "outside"]),
+    },
+    optional={
+        "threshold": st.sampled_from([0.3, 0.9]),
+        "k": st.sampled_from([1, 2]),
+        "seed": st.sampled_from([3]),
+        "density": st.sampled_from([0.5]),
+    },
+)
+
+
+def _recipe_text(roles: dict[str, str], recipe: dict) -> str:
+    parameters = {"targets": "q_proj,v_proj", "select": recipe["select"],
+                  "combine": recipe["combine"]}  # fmt: skip
+    for key in ("threshold", "k", "seed", "density"):
+        if key in recipe:
+            parameters[key] = recipe[key]
+    if recipe["filter"] is not None:
+        parameters["safety_weight"] = [{"filter": recipe["filter"], "value": 0.5}, {"value": 0.2}]
+    text = write_config_text(roles, parameters)
+    if recipe["mutation"] == "duplicate":
+        text += "  select: threshold\n"
+    elif recipe["mutation"] == "unknown top":
+        text = text.replace("dtype: float32", "dtype: float32\nout_dtpye: float32")
+    elif recipe["mutation"] == "unknown model":
+        text = text.replace("role: unaligned", "role: unaligned\n    paramters: {}", 1)
+    return text
+
+
+def write_config_text(roles: dict[str, str], parameters: dict) -> str:
+    import yaml
+
+    models = [{"model": roles[r], "parameters": {"role": r}}
+              for r in ("unaligned", "finetuned", "safety")]  # fmt: skip
+    head = yaml.safe_dump(
+        {"merge_method": "safemerge", "base_model": roles["aligned"], "models": models,
+         "dtype": "float32"}, sort_keys=False, default_flow_style=False,
+    )  # fmt: skip
+    body = yaml.safe_dump({"parameters": parameters}, sort_keys=False, default_flow_style=False)
+    return head + body
+
+
+def _store(folder: str, recipe: dict, aligned: str) -> None:
+    path = os.path.join(folder, "model.safetensors")
+    state = load_file(path)
+    if recipe["stored"] == "bfloat16":
+        state = {n: t.to(torch.bfloat16) for n, t in state.items()}
+    os.remove(path)
+    if recipe["shards"] is None:
+        save_file(state, path, metadata={"format": "pt"})
+        return
+    names = sorted(state)
+    save_file({n: state[n] for n in names[:4]}, os.path.join(folder, "a.safetensors"))
+    save_file({n: state[n] for n in names[4:]}, os.path.join(folder, "b.safetensors"))
+    weight_map = {n: ("a.safetensors" if i < 4 else "b.safetensors") for i, n in enumerate(names)}
+    if recipe["shards"] == "outside":
+        weight_map[names[0]] = os.path.relpath(os.path.join(aligned, "model.safetensors"), folder)
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as fp:
+        json.dump({"metadata": {}, "weight_map": weight_map}, fp)
+
+
+def _expected_warnings(recipe: dict) -> set[str]:
+    select, written = recipe["select"], set(recipe)
+    ignored = set()
+    if "k" in written and select not in ("lowest_k", "random_k", "highest_k"):
+        ignored.add("k")
+    if "seed" in written and select != "random_k":
+        ignored.add("seed")
+    if "density" in written and recipe["combine"] not in ("dare_linear", "ties"):
+        ignored.add("density")
+    if "threshold" in written and select != "threshold":
+        ignored.add("threshold")
+    if select == "none":  # nothing is merged: how to merge has no effect
+        ignored.add("combine")
+        if recipe["filter"] is not None:
+            ignored.add("safety_weight")
+        ignored.discard("density")
+        if "density" in written:
+            ignored.add("density")
+    return ignored
+
+
+RECIPE_OUTCOMES: list[int] = []
+
+
+@pytest.mark.slow
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(recipe=RECIPES)
+def test_exit_0_means_every_setting_took_effect(recipe, tiny_roles):
+    """Duplicate or unknown keys, filters matching nothing and shards outside their model stop the
+    run with one line; a success warns about exactly the written parameters without effect."""
+    tiny = tiny_roles("llama")
+    work = Path(tempfile.mkdtemp(prefix="fuzz-recipe-"))
+    try:
+        roles = dict(tiny.paths)
+        roles["finetuned"] = str(shutil.copytree(tiny.paths["finetuned"], work / "finetuned"))
+        _store(roles["finetuned"], recipe, roles["aligned"])
+        config = work / "r.yml"
+        config.write_text(_recipe_text(roles, recipe))
+        before = tree_snapshot(work)
+        result = run_mergekit_in_process(str(config), work / "out")
+        RECIPE_OUTCOMES.append(result.exit_code)
+        must_fail = (
+            recipe["mutation"] is not None
+            or recipe["filter"] == "mpl"
+            or recipe["shards"] == "outside"
+            or (recipe["select"] in ("lowest_k", "random_k") and "k" not in recipe)
+        )
+        if must_fail:
+            assert result.exit_code == 1, (recipe, result.output)
+            assert error_line(result.output).startswith("Error: safemerge: ")
+            assert tree_snapshot(work) == before
+            return
+        assert result.exit_code == 0, (recipe, result.output)
+        warned = {
+            line.split("parameters.", 1)[1].split(":", 1)[0]
+            for line in result.output.splitlines()
+            if "has no effect here" in line
+        }
+        assert warned == _expected_warnings(recipe), (recipe, result.output)
+        precision = "stored in different precisions" in result.output
+        assert precision == (recipe["stored"] != "float32"), result.output
+        report = json.loads((work / "out" / "safemerge_report.json").read_text())
+        assert sorted(os.listdir(work / "out")) == sorted(report["files"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_the_recipe_property_test_saw_both_outcomes():
+    if not RECIPE_OUTCOMES:
+        pytest.skip("the recipe property test did not run in this session")
+    assert RECIPE_OUTCOMES.count(0) >= 5 and RECIPE_OUTCOMES.count(1) >= 5, RECIPE_OUTCOMES

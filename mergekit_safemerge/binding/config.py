@@ -10,13 +10,17 @@ adapters) is checked by :mod:`.inputs`.
 
 from __future__ import annotations
 
+import difflib
+import re
+import types
+import typing
 from collections.abc import Iterator
 from typing import Any
 
 import yaml
 from mergekit.common import ModelReference
 from mergekit.config import ConditionalParameter, MergeConfiguration
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from mergekit_safemerge import METHOD_NAME
 from mergekit_safemerge.binding.method import PARAMETER_SPECS
@@ -24,7 +28,13 @@ from mergekit_safemerge.core.combine import COMBINE_NAMES, FACTOR_RULES, NEEDS_F
 from mergekit_safemerge.core.decide import COUNT_MODES
 from mergekit_safemerge.core.roles import ADAPTER_PARAMETERS, RoleClaim
 from mergekit_safemerge.core.roles import MISSING as NO_ROLE
-from mergekit_safemerge.core.settings import BY_NAME, SHARED, Parameter, Settings
+from mergekit_safemerge.core.settings import (
+    BY_NAME,
+    SHARED,
+    Parameter,
+    Settings,
+    without_effect,
+)
 from mergekit_safemerge.core.targets import parse_targets
 from mergekit_safemerge.errors import SafeMergeError
 
@@ -42,22 +52,120 @@ def read_config(path: str) -> tuple[MergeConfiguration, str]:
             text = fp.read()
     except (OSError, UnicodeDecodeError) as error:
         raise SafeMergeError(f"config {path}: cannot read it ({error})") from None
+    where = f"config {path}"
     try:
+        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
         documents = list(yaml.safe_load_all(text))
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise SafeMergeError(f"config {path}: YAML syntax error{where}: {problem}") from None
+        raise SafeMergeError(f"{where}: YAML syntax error{at}: {problem}") from None
     if len(documents) != 1:
         raise SafeMergeError(
-            f"config {path}: holds {len(documents)} YAML documents; a merge configuration is "
+            f"{where}: holds {len(documents)} YAML documents; a merge configuration is "
             "exactly one (for several stages use mergekit-multi)"
         )
     raw = documents[0]
     if not isinstance(raw, dict):
-        raise SafeMergeError(f"config {path}: not a YAML mapping of keys (merge_method, models...)")
-    return parse_config(raw, where=f"config {path}"), text
+        raise SafeMergeError(f"{where}: not a YAML mapping of keys (merge_method, models...)")
+    _check_nodes(nodes[0], where)
+    check_method_name(raw.get("merge_method"), where)
+    for key_path, key, known in unknown_keys(raw, MergeConfiguration):
+        near = difflib.get_close_matches(key, known, n=1)
+        hint = f"did you mean {near[0]!r}?" if near else f"known: {', '.join(known)}"
+        raise SafeMergeError(
+            f"{where}: {key_path}{key} is not a key mergekit or SafeMERGE reads ({hint})"
+        )
+    return parse_config(raw, where=where), text
+
+
+# YAML 1.1 (PyYAML, mergekit) reads 5e-2 as text: an exponent needs a decimal point (5.0e-2)
+_TEXT_NUMBER = re.compile(r"^[-+]?(\d+|\d*\.\d+|\d+\.\d*)[eE][-+]?\d+$")
+
+
+def _check_nodes(node: yaml.Node, where: str, inside_parameters: bool = False) -> None:
+    """Rules PyYAML does not enforce: no key twice in one mapping (the last would silently win),
+    and no number that YAML 1.1 reads as text, under any ``parameters``."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else str(key.value)
+            line = key.start_mark.line + 1
+            if name in seen:
+                raise SafeMergeError(
+                    f"{where}: key {name!r} is given twice (lines {seen[name]} and {line}); "
+                    "YAML would keep only the last, keep one"
+                )
+            seen[name] = line
+            _check_nodes(value, where, inside_parameters or name == "parameters")
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_nodes(item, where, inside_parameters)
+    elif (
+        inside_parameters
+        and isinstance(node, yaml.ScalarNode)
+        and node.style is None
+        and node.tag == "tag:yaml.org,2002:str"
+        and _TEXT_NUMBER.match(node.value)
+    ):
+        mantissa, _, exponent = node.value.lower().partition("e")
+        fixed = f"{mantissa if '.' in mantissa else mantissa + '.0'}e{exponent}"
+        raise SafeMergeError(
+            f"{where}: line {node.start_mark.line + 1}: {node.value} is text to YAML 1.1, not a "
+            f"number (an exponent needs a decimal point); write {fixed} or "
+            f"{float(node.value):g}"
+        )
+
+
+def check_method_name(name: Any, where: str) -> None:
+    """``SafeMERGE`` (as the paper writes it) is refused with the name mergekit knows."""
+    if isinstance(name, str) and name != METHOD_NAME and name.lower() == METHOD_NAME:
+        raise SafeMergeError(
+            f"{where}: merge_method {name!r} is not a name mergekit knows; method names are lower "
+            f"case: write merge_method: {METHOD_NAME}"
+        )
+
+
+def _models_in(annotation: Any) -> list[Any]:
+    """The types inside ``Optional``/``Union``."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [t for arg in typing.get_args(annotation) for t in _models_in(arg)]
+    return [annotation]
+
+
+def unknown_keys(raw: Any, annotation: Any, path: str = "") -> Iterator[tuple[str, str, list[str]]]:
+    """``(where, key, known keys)`` for every key of ``raw`` that the pydantic models of
+    mergekit's configuration do not read (mergekit ignores them silently). Parameter names under
+    ``parameters`` are checked by the parameter table instead."""
+    candidates = _models_in(annotation)
+    if isinstance(raw, dict):
+        model = next(
+            (t for t in candidates if isinstance(t, type) and issubclass(t, BaseModel)), None
+        )
+        if model is not None:
+            fields = model.model_fields
+            known = [f.alias or name for name, f in fields.items()]
+            for key, value in raw.items():
+                name = next((n for n, f in fields.items() if (f.alias or n) == key), None)
+                if name is None:
+                    yield path, key, known
+                    continue
+                yield from unknown_keys(value, fields[name].annotation, f"{path}{key}.")
+            return
+        for t in candidates:
+            if typing.get_origin(t) is dict:
+                value_type = typing.get_args(t)[1]
+                for key, value in raw.items():
+                    yield from unknown_keys(value, value_type, f"{path}{key}.")
+                return
+    elif isinstance(raw, list):
+        for t in candidates:
+            if typing.get_origin(t) is list:
+                (item_type,) = typing.get_args(t)
+                for i, item in enumerate(raw):
+                    yield from unknown_keys(item, item_type, f"{path.rstrip('.')}[{i}].")
+                return
 
 
 def parse_config(raw: dict, *, where: str = "config") -> MergeConfiguration:
@@ -141,6 +249,26 @@ def configured_values(config: MergeConfiguration, name: str) -> list[Any]:
         value
         for _, parameters in shared_scopes(config)
         for value in leaf_values((parameters or {}).get(name, []))
+    ]
+
+
+def configured_filters(config: MergeConfiguration) -> list[tuple[str, str]]:
+    """``(where, filter)`` for every ``filter:`` written for a shared parameter."""
+
+    def filters(setting: Any) -> Iterator[str]:
+        if isinstance(setting, ConditionalParameter):
+            if setting.filter not in (None, "*"):
+                yield setting.filter
+            yield from filters(setting.value)
+        elif isinstance(setting, list):
+            for item in setting:
+                yield from filters(item)
+
+    return [
+        (f"{where}.{name}", text)
+        for where, parameters in shared_scopes(config)
+        for name, setting in (parameters or {}).items()
+        for text in filters(setting)
     ]
 
 
@@ -264,8 +392,9 @@ def settings_of(config: MergeConfiguration, *, random_seed: int | None = None) -
     return Settings(**values, dtype=config.dtype, random_seed=random_seed)
 
 
-def check_values(config: MergeConfiguration) -> Settings:
-    """Every key and value of the configuration that needs nothing from disk."""
+def check_values(config: MergeConfiguration) -> tuple[Settings, list[str]]:
+    """Every key and value of the configuration that needs nothing from disk; returns the
+    settings and a warning for each written parameter that has no effect."""
     if config.merge_method != METHOD_NAME:
         raise SafeMergeError(
             f"merge_method: this is a {config.merge_method!r} configuration, not {METHOD_NAME!r}"
@@ -285,7 +414,15 @@ def check_values(config: MergeConfiguration) -> Settings:
                 f"parameters.combine: {rule} combines LoRA factors; give both LoRA roles as "
                 "parameters.finetuned_adapter and parameters.safety_adapter"
             )
-    return settings
+    written = {name for _, parameters in shared_scopes(config) for name in (parameters or {})}
+    values = {
+        p.name: frozenset(
+            v for v in configured_values(config, p.name) if isinstance(v, (str, int, float))
+        )
+        or frozenset([p.default])
+        for p in SHARED
+    }
+    return settings, without_effect(values, written)
 
 
 # ---------------------------------------------------------------- the adapter output's recipe

@@ -8,8 +8,8 @@ is one :class:`~mergekit_safemerge.errors.SafeMergeError` line naming the model,
 
 from __future__ import annotations
 
+import collections
 import glob
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -38,23 +38,68 @@ class TensorHeader:
     dtype: str  # safetensors dtype code: F32, BF16, I64, ...
 
 
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def weight_file_stays_inside(model_dir: str, path: str) -> bool:
+    """Whether a weight file resolves inside its model folder, or, for a Hub cache snapshot
+    (``<repo>/snapshots/<revision>/``, whose files link to ``<repo>/blobs/``), inside that
+    repository's blobs."""
+    folder = os.path.realpath(model_dir)
+    real = os.path.realpath(path)
+    if _inside(real, folder):
+        return True
+    snapshots = os.path.dirname(folder)
+    blobs = os.path.join(os.path.dirname(snapshots), "blobs")
+    return os.path.basename(snapshots) == "snapshots" and _inside(real, blobs)
+
+
+def _shards(model_dir: str, label: str) -> list[str]:
+    """The shard files named by ``model.safetensors.index.json`` (none without an index): each
+    must be a plain name inside the folder, and exist."""
+    index_path = os.path.join(model_dir, SHARD_INDEX)
+    if not os.path.isfile(index_path):
+        return []
+    document = read_json(index_path, label)
+    weight_map = document.get("weight_map") if isinstance(document, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise SafeMergeError(
+            f"{label}: {SHARD_INDEX} is not a valid index (no weight_map of tensor -> file)"
+        )
+    shards = []
+    for tensor, shard in sorted(weight_map.items(), key=lambda item: item[1]):
+        path = os.path.join(model_dir, shard)
+        if (
+            os.path.isabs(shard)
+            or ".." in shard.replace("\\", "/").split("/")
+            or not weight_file_stays_inside(model_dir, path)
+        ):
+            raise SafeMergeError(
+                f"{label}: {SHARD_INDEX} maps {tensor} to {shard}, outside the model folder; "
+                "a shard must be a file of the model's own folder"
+            )
+        if not os.path.isfile(path):
+            raise SafeMergeError(f"{label}: shard {shard} named in {SHARD_INDEX} is missing")
+        shards.append(path)
+    return shards
+
+
 def read_tensor_headers(model_dir: str, *, label: str) -> dict[str, TensorHeader]:
     """Tensor name -> shape and dtype from a model folder's safetensors headers (no data).
 
-    With a ``model.safetensors.index.json`` every shard it names must exist. Unreadable files
-    (truncated, a bad header) are one-line errors naming ``label`` and the file.
+    With a ``model.safetensors.index.json`` every shard it names must be a file of the folder
+    and exist. A weight file may not resolve outside the folder. Unreadable files (truncated, a
+    bad header) are one-line errors naming ``label`` and the file.
     """
-    index_path = os.path.join(model_dir, SHARD_INDEX)
+    _shards(model_dir, label)
     files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
-    if os.path.isfile(index_path):
-        try:
-            with open(index_path, encoding="utf-8") as fp:
-                weight_map = json.load(fp)["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise SafeMergeError(f"{label}: {SHARD_INDEX} is not a valid index ({error})") from None
-        for shard in sorted(set(weight_map.values())):
-            if not os.path.isfile(os.path.join(model_dir, shard)):
-                raise SafeMergeError(f"{label}: shard {shard} named in {SHARD_INDEX} is missing")
+    for path in files:
+        if not weight_file_stays_inside(model_dir, path):
+            raise SafeMergeError(
+                f"{label}: {os.path.basename(path)} links to {os.path.realpath(path)}, outside "
+                "the model folder"
+            )
     headers: dict[str, TensorHeader] = {}
     for path in files:
         try:
@@ -121,6 +166,7 @@ class RoleModels:
             role: m.model.path for role, m in models.items() if os.path.isdir(m.model.path)
         }
         self.headers: dict[str, dict[str, TensorHeader]] = {}
+        self.warnings: list[str] = []
 
     @property
     def aligned(self) -> ModelReference:
@@ -198,6 +244,26 @@ class RoleModels:
                     f"({len(missing)} tensors of aligned model {self.aligned} are missing)"
                 )
 
+    def check_precisions(self) -> None:
+        """Roles stored in different floating-point precisions are worth a warning: a matrix
+        the fine-tune left alone then differs by rounding only (taken as D = 0), and every
+        other update carries that rounding."""
+        stored = {
+            role: collections.Counter(
+                h.dtype for h in tensors.values() if len(h.shape) == 2
+            ).most_common(1)[0][0]
+            for role, tensors in self.headers.items()
+            if any(len(h.shape) == 2 for h in tensors.values())
+        }
+        if len(set(stored.values())) > 1:
+            shown = ", ".join(f"{role} {dtype}" for role, dtype in stored.items())
+            self.warnings.append(
+                f"the models are stored in different precisions ({shown}): a matrix whose "
+                "update is only the rounding to the narrower dtype is taken as unchanged "
+                "(D = 0); other updates include that rounding (store every role in one "
+                "precision for exact updates)"
+            )
+
     def check_targets(self, targets: list[str]) -> None:
         """Every module named in ``targets`` matches a 2-D weight of the aligned model."""
         reference = self.headers.get(ALIGNED)
@@ -212,9 +278,26 @@ class RoleModels:
                         f"{self.aligned}"
                     )
 
+    def check_filters(self, filters: list[tuple[str, str]]) -> None:
+        """Every ``filter:`` matches some tensor of the aligned model (mergekit matches a filter
+        as a part of the tensor name; one that matches nothing silently applies nowhere)."""
+        reference = self.headers.get(ALIGNED)
+        if not reference:
+            return
+        for where, text in filters:
+            if not any(text in name for name in reference):
+                raise SafeMergeError(
+                    f"{where}: filter {text!r} matches no tensor of aligned model "
+                    f"{self.aligned} (a filter is a part of the tensor name, e.g. mlp or "
+                    "self_attn.q_proj)"
+                )
+
 
 def check_models(
-    models: dict[str, ModelReference], options: MergeOptions, targets: list[str]
+    models: dict[str, ModelReference],
+    options: MergeOptions,
+    targets: list[str],
+    filters: list[tuple[str, str]],
 ) -> RoleModels:
     """Every check of the role models, in order; returns what was read (headers)."""
     checked = RoleModels(models, options)
@@ -222,7 +305,9 @@ def check_models(
     checked.check_architectures()
     checked.check_headers()
     checked.check_shapes()
+    checked.check_precisions()
     checked.check_targets(targets)
+    checked.check_filters(filters)
     return checked
 
 

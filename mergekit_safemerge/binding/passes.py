@@ -6,7 +6,9 @@ progress says what each tensor is for by making one pass current (:func:`running
 * :class:`MergePass`, the default: the merged weight goes back to mergekit, which writes it;
 * :class:`MeasurePass`: every candidate's ``rho`` and threshold decision are recorded, nothing
   is merged (``safemerge scan`` and the first pass of a ranking selection mode);
-* :class:`FactorPass`: every update is collected as LoRA factors (``safemerge adapter``).
+* :class:`FactorPass`: every update is collected as LoRA factors (``safemerge adapter``);
+* :class:`CollectPass`: every candidate's inputs are kept, to form many merges in memory
+  (``safemerge tune``).
 
 Each pass keeps the run's records (and factors) and an :class:`~mergekit_safemerge.lora.read.
 AdapterReader`, so adapters are opened once per run. Outside a run (mergekit's own Python API,
@@ -86,27 +88,53 @@ class Pass:
         raise NotImplementedError
 
 
-def _finite(name: str, tensor: torch.Tensor, source: str) -> torch.Tensor:
-    """``tensor``, checked in the dtype it is written in: a non-finite weight stops the run."""
+def _finite(
+    name: str, tensor: torch.Tensor, source: str, written: torch.dtype | None = None
+) -> torch.Tensor:
+    """``tensor``, checked as it will be written (in ``written``, mergekit's ``out_dtype``, when
+    that differs): a non-finite weight stops the run."""
     if not all_finite(tensor):
         raise SafeMergeError(
             f"tensor {name} of {source} contains NaN or Inf; SafeMERGE does not write a "
             "model with non-finite weights"
         )
+    if written is not None and written != tensor.dtype and tensor.is_floating_point():
+        low, high = torch.aminmax(tensor)
+        if not bool(torch.isfinite(low.to(written)) & torch.isfinite(high.to(written))):
+            largest = torch.finfo(written).max
+            raise SafeMergeError(
+                f"tensor {name} of {source}: a value ({float(max(-low, high)):.4g}) overflows "
+                f"out_dtype {str(written).removeprefix('torch.')} (largest {largest:.6g}) when "
+                "written; SafeMERGE does not write a model with non-finite weights (write "
+                "bfloat16 or float32)"
+            )
     return tensor
 
 
 class MergePass(Pass):
-    """A merge: the merged weight of a selected matrix, the fine-tuned weight otherwise."""
+    """A merge: the merged weight of a selected matrix, the fine-tuned weight otherwise, each
+    checked as written (``written``: mergekit's ``out_dtype``, when the run has one)."""
+
+    def __init__(
+        self, ranking: Mapping[str, str] | None = None, written: torch.dtype | None = None
+    ):
+        super().__init__(ranking)
+        self.written = written
 
     def kept(self, inputs: TensorInputs) -> torch.Tensor:
-        return _finite(inputs.name, inputs.finetuned_weight(), inputs.finetuned_source)
+        weight = inputs.finetuned_weight()
+        return _finite(inputs.name, weight, inputs.finetuned_source, self.written)
 
     def candidate(self, inputs, output, record) -> torch.Tensor:
-        if output is None:
-            return inputs.finetuned_weight()
+        if output is None:  # its D was measured finite, so only the cast can overflow
+            weight = inputs.finetuned_weight()
+            if self.written is None:
+                return weight
+            return _finite(inputs.name, weight, inputs.finetuned_source, self.written)
         merged = output.to(inputs.aligned.tensor.dtype)
-        return _finite(inputs.name, merged, "the merge (overflow in the output dtype)")
+        return _finite(
+            inputs.name, merged, "the merge (overflow in the output dtype)", self.written
+        )
 
 
 class MeasurePass(Pass):
@@ -148,6 +176,37 @@ class FactorPass(Pass):
         if record.delta_norm > 0:
             update = output if output is not None else inputs.delta()
             self._keep_factors(inputs.name, update)
+        return inputs.aligned.tensor
+
+
+class CollectPass(Pass):
+    """``safemerge tune``: each candidate's inputs are kept (:class:`TensorInputs`, without the
+    unaligned weight, which only ``rho`` needs), with its record, so that any threshold and
+    safety weight can be merged in memory later exactly as a merge would; the fine-tuned weight
+    of every other tensor the pass sees (those an adapter changes) is kept too. Hands the
+    aligned tensor back to mergekit, which requires one."""
+
+    output: Output = "none"
+    uses_ranking = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: dict[str, TensorInputs] = {}
+        self.finetuned: dict[str, torch.Tensor] = {}
+
+    def kept(self, inputs: TensorInputs) -> torch.Tensor:
+        if inputs.delta_factors is not None:
+            weight = inputs.finetuned_weight()
+            with self._lock:
+                self.finetuned[inputs.name] = weight
+        return inputs.aligned.tensor
+
+    def candidate(self, inputs, output, record) -> torch.Tensor:
+        inputs.entries.pop("unaligned", None)
+        inputs.forget_work()
+        with self._lock:
+            self.inputs[inputs.name] = inputs
+            self.finetuned[inputs.name] = inputs.finetuned_weight()
         return inputs.aligned.tensor
 
 

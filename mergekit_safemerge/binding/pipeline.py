@@ -31,13 +31,20 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
-from mergekit.common import ModelReference
+from mergekit.common import ModelReference, dtype_from_name
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from mergekit_safemerge.binding.card import write_config_copy, write_model_card
-from mergekit_safemerge.binding.config import check_values, configured_values, role_claims
+from mergekit_safemerge.binding.config import (
+    check_values,
+    configured_filters,
+    configured_values,
+    factor_recipe,
+    role_claims,
+)
 from mergekit_safemerge.binding.executor import measure_candidates, run_in_memory
 from mergekit_safemerge.binding.inputs import (
     check_adapters,
@@ -60,6 +67,7 @@ from mergekit_safemerge.outputs.folder import (
     OutputFolder,
     OutputKind,
     describe_os_error,
+    require_path,
 )
 from mergekit_safemerge.outputs.report import (
     Report,
@@ -187,7 +195,7 @@ class ValidatedConfig:
 
 def validate_config(config: MergeConfiguration, options: MergeOptions) -> ValidatedConfig:
     """All checks that need no tensor data; raises :class:`SafeMergeError` at the first fault."""
-    settings = check_values(config)
+    settings, notes = check_values(config)
     check_device(options)
     specs = {
         role: getattr(settings, key)
@@ -195,8 +203,11 @@ def validate_config(config: MergeConfiguration, options: MergeOptions) -> Valida
         if getattr(settings, key)
     }
     models = assign_roles(config.base_model, role_claims(config), specs)
-    check_models(models, options, configured_values(config, "targets"))
+    on_disk = check_models(
+        models, options, configured_values(config, "targets"), configured_filters(config)
+    )
     adapters, warnings = check_adapters(specs, models[ALIGNED], AdapterReader())
+    warnings = [*notes, *on_disk.warnings, *warnings]
     settings = dataclasses.replace(settings, random_seed=options.random_seed)
     return ValidatedConfig(
         models=models, settings=settings, adapters=adapters, warnings=tuple(warnings)
@@ -254,10 +265,10 @@ def ranking_for(prepared: PreparedRun) -> dict[str, str] | None:
     return rank_matrices(changed_rhos(records), settings.select, k=settings.k, seed=settings.seed)
 
 
-def _publish_report(prepared: PreparedRun, report: Report, what: str) -> None:
-    """The report written last as the folder's manifest, then the folder published."""
+def _publish_manifest(prepared: PreparedRun, manifest: dict[str, Any], what: str) -> None:
+    """The manifest (a report's JSON) written last, then the folder published."""
     try:
-        prepared.output.publish(report.to_json())
+        prepared.output.publish(manifest)
     except OSError as error:
         raise SafeMergeError(
             f"{describe_os_error(error, what)}; nothing was written to "
@@ -266,10 +277,13 @@ def _publish_report(prepared: PreparedRun, report: Report, what: str) -> None:
 
 
 def publish(
-    prepared: PreparedRun, report: Report, write_files: Callable[[str], None], what: str
+    prepared: PreparedRun,
+    manifest: dict[str, Any],
+    write_files: Callable[[str], None],
+    what: str,
 ) -> None:
-    """Stage the files (``write_files(staging folder)``) and the report, then publish; on any
-    failure or signal nothing is published."""
+    """Stage the files (``write_files(staging folder)``) and the manifest (a report's JSON),
+    then publish; on any failure or signal nothing is published."""
     with signals_as_exceptions(), prepared.output as output:
         try:
             write_files(output.staging)
@@ -278,7 +292,7 @@ def publish(
                 f"{describe_os_error(error, what)}; nothing was written to "
                 f"{prepared.output.destination}"
             ) from None
-        _publish_report(prepared, report, what)
+        _publish_manifest(prepared, manifest, what)
 
 
 # ---------------------------------------------------------------- the commands
@@ -295,7 +309,9 @@ def run_safemerge(
     notes: list[str] = []
     with signals_as_exceptions(), prepared.output as output:
         try:
-            merging = MergePass(ranking_for(prepared))
+            merging = MergePass(
+                ranking_for(prepared), written=dtype_from_name(merge_config.out_dtype)
+            )
             staged_options = options.model_copy(update={"write_model_card": False})
             with running(merging):
                 result = run_merge(merge_config, output.staging, staged_options, config_source)
@@ -331,7 +347,7 @@ def run_safemerge(
                 f"to {out_path}"
             ) from None
         report.warnings = [*prepared.checked.warnings, *notes]
-        _publish_report(prepared, report, "the report and model card")
+        _publish_manifest(prepared, report.to_json(), "the report and model card")
     for note in notes:
         print(f"Warning: safemerge: {note}; the merged model is complete", file=sys.stderr)
     if not options.quiet:
@@ -344,8 +360,10 @@ def run_adapter(
 ) -> Report:
     """Decide every module through mergekit's plan in memory and publish one PEFT adapter.
 
-    ``config`` is the recipe with both LoRA roles as adapters
+    ``config`` is the recipe ``mergekit-yaml`` takes; its LoRA roles are read as adapters
     (:func:`~.config.factor_recipe`)."""
+    require_path(out_path)
+    config = factor_recipe(config)
     prepared = prepare_run(config, out_path, options, ADAPTER)
     started = time.monotonic()
     collecting = FactorPass(ranking_for(prepared))
@@ -355,6 +373,7 @@ def run_adapter(
     weights = run_in_memory(
         config, options, collecting, keep=touched.__contains__, desc="SafeMERGE adapter"
     )
+    _keep_every_update(collecting, prepared.checked.adapters["finetuned"])
     base_model = str(prepared.checked.models[ALIGNED])
     tensors, lora_config, summary = adapter_files(
         collecting.factors, weights, base_model, compact=compact
@@ -370,11 +389,24 @@ def run_adapter(
     card = adapter_card(report, base_model, name) if options.write_model_card else None
     publish(
         prepared,
-        report,
+        report.to_json(),
         lambda staging: write_adapter(staging, tensors, lora_config, card),
         "the adapter",
     )
     return report
+
+
+def _keep_every_update(collecting: FactorPass, finetuned: AdapterSource) -> None:
+    """The fine-tune's updates the plan never handed to the method (vocabulary tensors such as
+    ``lm_head``, which the in-memory plan does not read) go into the adapter as they are, as the
+    full merge keeps them: an adapter output holds every update the fine-tune made."""
+    adapter = collecting.adapters.open(finetuned.folder)
+    for module in sorted(adapter.modules):
+        name = f"{module}.weight"
+        if name not in collecting.factors:
+            factors = adapter.factors(name)
+            if factors is not None:
+                collecting.factors[name] = factors
 
 
 def run_scan(

@@ -14,6 +14,7 @@ import torch
 from mergekit.merge_methods.base import PerInputValues, TensorEntry, TensorGroup
 
 from mergekit_safemerge.core.criterion import may_be_exactly_low_rank
+from mergekit_safemerge.core.precision import rounding_only
 from mergekit_safemerge.core.roles import (
     ADAPTER_PARAMETERS,
     ALIGNED,
@@ -76,6 +77,10 @@ class TensorInputs:
             self._aligned_work = self.aligned.tensor.to(WORK_DTYPE)
         return self._aligned_work
 
+    def forget_work(self) -> None:
+        """Drop the float32 copy of ``W_al`` (it is formed again when needed)."""
+        self._aligned_work = None
+
     @property
     def finetuned_source(self) -> str:
         if "finetuned" in self.entries:
@@ -95,11 +100,16 @@ class TensorInputs:
         return weight.to(aligned.dtype)
 
     def _update(self, role: str, factors: LoraFactors | None) -> Update:
-        """``W_role - W_al`` (float32), or the adapter's factors (rank 0 if it skips the
-        tensor)."""
+        """``W_role - W_al`` (float32), or the adapter's factors; rank 0 when the adapter skips
+        the tensor or when ``W_role`` is only ``W_al`` rounded to a narrower dtype
+        (:func:`~mergekit_safemerge.core.precision.rounding_only`)."""
         if role in self.entries:
-            return self.entries[role].tensor - self.aligned_work
-        return factors if factors is not None else LoraFactors.empty(self.aligned.tensor)
+            weight = self.entries[role].tensor
+            if not rounding_only(weight, self.aligned.tensor):
+                return weight - self.aligned_work
+        elif factors is not None:
+            return factors
+        return LoraFactors.empty(self.aligned.tensor)
 
     def delta(self) -> Update:
         """``D = W_ft - W_al``."""
@@ -118,8 +128,14 @@ class TensorInputs:
         """The one-line error naming the input with a NaN or Inf."""
         for role, entry in self.entries.items():
             if not all_finite(entry.tensor):
+                cast = (
+                    " in the merge dtype float16 (a value beyond +-65504 in a model stored in a "
+                    "wider type overflows in the cast: merge in bfloat16 or float32)"
+                    if entry.tensor.dtype == torch.float16
+                    else ""
+                )
                 return SafeMergeError(
-                    f"tensor {self.name} of model {entry.id} ({role}) contains NaN or Inf"
+                    f"tensor {self.name} of model {entry.id} ({role}) contains NaN or Inf{cast}"
                 )
         for role, factors in (("finetuned", self.delta_factors), ("safety", self.safety_factors)):
             if factors is not None and not all_finite(factors.dense()):

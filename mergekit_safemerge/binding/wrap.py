@@ -18,11 +18,13 @@ from collections.abc import Callable, Iterator
 import click
 
 from mergekit_safemerge import METHOD_NAME
-from mergekit_safemerge.binding.config import read_config
+from mergekit_safemerge.binding.config import check_method_name, read_config
 from mergekit_safemerge.errors import SafeMergeError
 
 _WRAPPED_MARK = "__safemerge_wrapped__"
-_SAFEMERGE_LINE = re.compile(r"^\s*merge_method\s*:\s*[\"']?safemerge\b", re.MULTILINE)
+_SAFEMERGE_LINE = re.compile(
+    r"^\s*merge_method\s*:\s*[\"']?safemerge\b", re.MULTILINE | re.IGNORECASE
+)
 
 
 @contextlib.contextmanager
@@ -44,6 +46,8 @@ def wrap_run_merge(run_merge: Callable) -> Callable:
 
     @functools.wraps(run_merge)
     def wrapper(merge_config, out_path, options, config_source=None, *args, **kwargs):
+        with user_errors():
+            check_method_name(getattr(merge_config, "merge_method", None), "config")
         if getattr(merge_config, "merge_method", None) != METHOD_NAME:
             return run_merge(merge_config, out_path, options, config_source, *args, **kwargs)
         if args or kwargs:
@@ -66,12 +70,32 @@ def is_safemerge_file(path: str) -> bool:
         return False
 
 
+class _ShardSize(click.ParamType):
+    """mergekit's ``--out-shard-size`` with one line for a bad value (mergekit's own type raises
+    a bare ValueError, a traceback)."""
+
+    name = "size"
+
+    def __init__(self, inner: click.ParamType):
+        self.inner = inner
+
+    def convert(self, value, param, ctx):
+        try:
+            return self.inner.convert(value, param, ctx)
+        except (ValueError, IndexError):
+            self.fail(f"{value!r} is not a size (a whole number, or one with K, M or B: 500M, 5B)")
+
+
 def wrap_mergekit_yaml(command: click.Command) -> None:
     """Let ``mergekit-yaml`` read a SafeMERGE configuration with one-line errors (YAML syntax,
-    several documents, unknown or null keys); other configurations are untouched."""
+    several documents, unknown or null keys); other configurations are untouched, except that
+    a bad ``--out-shard-size`` is one line for every method."""
     original = command.callback
     if getattr(original, _WRAPPED_MARK, False):
         return
+    for param in command.params:
+        if param.name == "out_shard_size" and not isinstance(param.type, _ShardSize):
+            param.type = _ShardSize(param.type)
 
     @functools.wraps(original)
     def callback(*args, **kwargs):

@@ -15,7 +15,7 @@ tensor by mergekit.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +32,8 @@ class Parameter:
     when ``low_open``), strings in ``choices`` when given. ``whole_merge``: one plain value
     under the top-level ``parameters`` (no ``filter:``, no gradient). ``gradient``: a YAML list
     (mergekit's layer gradient) is allowed. ``expects`` is the phrase messages use for a valid
-    value.
+    value. ``applies`` says when the value has an effect: a test over every value configured
+    for each parameter (:data:`Configured`), and the words for it (``applies_when``).
     """
 
     name: str
@@ -47,10 +48,25 @@ class Parameter:
     whole_merge: bool = False
     gradient: bool = True
     per_model: bool = False
+    applies: Callable[[Configured], bool] | None = None
+    applies_when: str = ""
 
     @property
     def numeric(self) -> bool:
         return self.kind in (int, float)
+
+
+Configured = Mapping[str, frozenset]
+"""Parameter name -> every value configured for it (all ``filter:`` values and gradient points,
+or the default when it is not written)."""
+
+
+def _selects(*modes: str) -> Callable[[Configured], bool]:
+    return lambda values: bool(values["select"] & set(modes))
+
+
+def _merges_something(values: Configured) -> bool:
+    return values["select"] != {"none"}
 
 
 def _parameter(default: Any, description: str, expects: str, **options: Any) -> Any:
@@ -76,6 +92,8 @@ class Settings:
         "a number in [0, 1]",
         low=0.0,
         high=1.0,
+        applies=_selects("threshold"),
+        applies_when="with select threshold",
     )
     safety_weight: float = _parameter(
         0.2,
@@ -83,6 +101,8 @@ class Settings:
         "a number in [0, 1]",
         low=0.0,
         high=1.0,
+        applies=_merges_something,
+        applies_when="when a matrix can be merged (not with select none)",
     )
     targets: str = _parameter(
         "",
@@ -96,6 +116,8 @@ class Settings:
         f"one of {', '.join(COMBINE_NAMES)}",
         choices=COMBINE_NAMES,
         gradient=False,
+        applies=_merges_something,
+        applies_when="when a matrix can be merged (not with select none)",
     )
     density: float = _parameter(
         1.0,
@@ -104,6 +126,10 @@ class Settings:
         low=0.0,
         high=1.0,
         low_open=True,
+        applies=lambda values: (
+            _merges_something(values) and bool(values["combine"] & {"dare_linear", "ties"})
+        ),
+        applies_when="with combine dare_linear or ties (and not select none)",
     )
     select: str = _parameter(
         "threshold",
@@ -118,8 +144,17 @@ class Settings:
         f"a whole number >= 0 (>= 1 with select {', '.join(sorted(COUNT_MODES))})",
         low=0,
         whole_merge=True,
+        applies=_selects(*COUNT_MODES),
+        applies_when=f"with select {', '.join(sorted(COUNT_MODES))}",
     )
-    seed: int = _parameter(0, "seed of random_k", "a whole number", whole_merge=True)
+    seed: int = _parameter(
+        0,
+        "seed of random_k",
+        "a whole number",
+        whole_merge=True,
+        applies=_selects("random_k"),
+        applies_when="with select random_k (dare_linear is seeded by mergekit's --random-seed)",
+    )
     finetuned_adapter: str = _parameter(
         "",
         "PEFT LoRA (folder or Hub id): finetuned = aligned + this adapter, as factors",
@@ -185,3 +220,14 @@ ROLE = Parameter(
 
 PARAMETERS: tuple[Parameter, ...] = (ROLE, *SHARED)
 BY_NAME: dict[str, Parameter] = {p.name: p for p in PARAMETERS}
+
+
+def without_effect(values: Configured, written: set[str]) -> list[str]:
+    """One warning per parameter the user wrote that has no effect with the other values (the
+    ``applies`` column of the table)."""
+    return [
+        f"parameters.{p.name}: has no effect here ({p.name} applies only {p.applies_when}); "
+        "remove it, or change the setting it depends on"
+        for p in SHARED
+        if p.name in written and p.applies is not None and not p.applies(values)
+    ]

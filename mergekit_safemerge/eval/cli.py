@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import click
@@ -11,10 +12,30 @@ from mergekit_safemerge.errors import SafeMergeError
 from mergekit_safemerge.eval.generation import load_model
 from mergekit_safemerge.eval.judges import LlamaGuardJudge, RefusalPatternJudge
 from mergekit_safemerge.eval.scoring import PromptSets, evaluate, summary_text
-from mergekit_safemerge.outputs.folder import read_manifest, write_json_atomic
+from mergekit_safemerge.outputs.folder import EVAL_FILE, read_manifest, write_json_atomic
 from mergekit_safemerge.sources import looks_local
 
-EVAL_FORMAT = "safemerge-eval"
+EVAL_FORMAT = EVAL_FILE[1]
+DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")
+
+
+def check_options(options: dict[str, Any]) -> None:
+    """Every value typed on the command line, before any model is loaded (one line each)."""
+    for key in ("dtype", "guard_dtype"):
+        if options[key] not in DTYPES:
+            raise SafeMergeError(
+                f"--{key.replace('_', '-')} {options[key]!r} is not a dtype (one of "
+                f"{', '.join(DTYPES)})"
+            )
+    for pattern in options["refusal_pattern"]:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise SafeMergeError(
+                f"--refusal-pattern {pattern!r} is not a regular expression ({error})"
+            ) from None
+    if options["out"] is not None and not options["out"].strip():
+        raise SafeMergeError("--out is an empty path (an unset variable?); give a file name")
 
 
 def _load(model: str, **kwargs):
@@ -30,7 +51,7 @@ def _load(model: str, **kwargs):
 
 def _output_path(model: str, out: str | None) -> str:
     folder = model if os.path.isdir(model) else "."
-    path = out or os.path.join(folder, "safemerge_eval.json")
+    path = out or os.path.join(folder, EVAL_FILE[0])
     if os.path.isdir(path):
         raise SafeMergeError(f"--out {path} is a folder; give a file name")
     if os.path.exists(path) and read_manifest(path, EVAL_FORMAT) is None:
@@ -38,6 +59,31 @@ def _output_path(model: str, out: str | None) -> str:
             f"--out {path} exists and is not a safemerge eval result; choose another file"
         )
     return path
+
+
+def make_judges(options: dict[str, Any], merge_options) -> tuple[Any, RefusalPatternJudge | None]:
+    """``(judge of harmful responses, refusal judge of benign ones or None)`` from the options
+    ``safemerge eval`` and ``safemerge tune`` share; a guard model that will not load is one
+    line."""
+    refusal = (
+        RefusalPatternJudge(options["refusal_pattern"]) if options["refusal_pattern"] else None
+    )
+    if options["judge"] != "llama-guard":
+        return refusal or RefusalPatternJudge(), refusal
+    if not options["guard_model"]:
+        raise SafeMergeError("--judge llama-guard needs --guard-model ID_OR_FOLDER")
+    guard_model, guard_tokenizer = _load(
+        options["guard_model"], device=merge_options.device or "cpu", dtype=options["guard_dtype"]
+    )
+    judge = LlamaGuardJudge(
+        options["guard_model"],
+        model=guard_model,
+        tokenizer=guard_tokenizer,
+        batch_size=options["batch_size"],
+        prompt_format=options["guard_prompt"],
+        progress=not merge_options.quiet,
+    )
+    return judge, refusal
 
 
 def run_eval(
@@ -50,25 +96,7 @@ def run_eval(
 ) -> None:
     device = merge_options.device or "cpu"
     out = _output_path(model, options["out"])
-    refusal = (
-        RefusalPatternJudge(options["refusal_pattern"]) if options["refusal_pattern"] else None
-    )
-    if options["judge"] == "llama-guard":
-        if not options["guard_model"]:
-            raise SafeMergeError("--judge llama-guard needs --guard-model ID_OR_FOLDER")
-        guard_model, guard_tokenizer = _load(
-            options["guard_model"], device=device, dtype=options["guard_dtype"]
-        )
-        judge = LlamaGuardJudge(
-            options["guard_model"],
-            model=guard_model,
-            tokenizer=guard_tokenizer,
-            batch_size=options["batch_size"],
-            prompt_format=options["guard_prompt"],
-            progress=not merge_options.quiet,
-        )
-    else:
-        judge = refusal or RefusalPatternJudge()
+    judge, refusal = make_judges(options, merge_options)
     loaded, tokenizer = _load(model, device=device, dtype=options["dtype"])
     result = evaluate(
         loaded,

@@ -9,16 +9,21 @@ import transformers
 from tqdm import tqdm
 
 
-def load_model(path: str, *, device: str = "cpu", dtype: str = "float32"):
-    """``(model, tokenizer)`` in eval mode; the tokenizer pads on the left for generation."""
-    torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
+def load_tokenizer(path: str):
+    """The tokenizer of ``path``, padding on the left for generation."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str, *, device: str = "cpu", dtype: str = "float32", tokenizer: bool = True):
+    """``(model, tokenizer)`` in eval mode (``tokenizer=False``: ``(model, None)``)."""
+    torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     model.to(device).eval()
-    return model, tokenizer
+    return model, (load_tokenizer(path) if tokenizer else None)
 
 
 def render_prompts(tokenizer, prompts: Sequence[str], chat: bool = True) -> list[str]:

@@ -25,6 +25,7 @@ from typing import Any
 from mergekit_safemerge.eval.generation import generate
 from mergekit_safemerge.eval.judges import SAFE, UNPARSED, UNSAFE, Judge, RefusalPatternJudge
 from mergekit_safemerge.eval.stats import wilson_interval
+from mergekit_safemerge.outputs.folder import EVAL_FILE
 
 
 def normalize_answer(text: str) -> str:
@@ -46,23 +47,40 @@ class PromptSets:
     benign: list[str] = field(default_factory=list)
 
 
+def _is_json_lines(path: str, lines: list[str]) -> bool:
+    """JSON lines when the extension says so (any case) or the first non-blank line is a JSON
+    object: the format follows the content, not the spelling of the file name."""
+    if path.lower().endswith((".jsonl", ".json")):
+        return True
+    first = next((line for line in lines if line.strip()), "")
+    try:
+        return isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        return False
+
+
 def read_records(path: str) -> list[dict[str, Any]]:
     """JSONL records (``{"prompt": ..., "answer": ...}``), or plain text: one prompt a line."""
+    try:
+        with open(path, encoding="utf-8") as fp:
+            lines = fp.read().splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    as_json = _is_json_lines(path, lines)
     records = []
-    with open(path, encoding="utf-8") as fp:
-        for number, line in enumerate(fp, 1):
-            if not line.strip():
-                continue
-            if path.endswith((".jsonl", ".json")):
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number}: not a JSON line ({error.msg})") from None
-                if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                    raise ValueError(f'{path}:{number}: needs a string field "prompt"')
-                records.append(record)
-            else:
-                records.append({"prompt": line.rstrip("\n")})
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not as_json:
+            records.append({"prompt": line})
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not a JSON line ({error.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ValueError(f'{path}:{number}: needs a string field "prompt"')
+        records.append(record)
     return records
 
 
@@ -124,7 +142,7 @@ def score(
     harmful_out = responses[:n_h]
     task_out = responses[n_h : n_h + n_t]
     benign_out = responses[n_h + n_t :]
-    result: dict[str, Any] = {"format": "safemerge-eval", "judge": judge.name}
+    result: dict[str, Any] = {"format": EVAL_FILE[1], "judge": judge.name}
     if getattr(judge, "prompt_used", None):
         result["judge_prompt"] = judge.prompt_used  # chat-template or builtin
     items: dict[str, list] = {}

@@ -153,6 +153,13 @@ class LoraAdapter:
                     "give this role as model+adapter (--lora-merge-cache) instead"
                 )
             suffix = next((s for s in _FACTOR_SUFFIXES if key.endswith(s)), None)
+            if suffix is None and key.endswith(".weight"):
+                raise SafeMergeError(
+                    f"adapter {self.path}: {key} is a full weight, not LoRA factors (PEFT saves "
+                    "these for modules_to_save, trainable tokens or a LoRA on tied embeddings); "
+                    "give this role as aligned+adapter with --lora-merge-cache, where PEFT "
+                    "merges it"
+                )
             if suffix is None or not key.startswith(KEY_PREFIX):
                 raise SafeMergeError(f"adapter {self.path}: unexpected tensor {key}")
             modules.add(key.removeprefix(KEY_PREFIX).removesuffix(suffix))
@@ -175,7 +182,7 @@ class LoraAdapter:
                     f"adapter {self.path}: {module} has rank {down[0]} in its weights but "
                     f"{CONFIG_FILE} says r = {configured} (PEFT would refuse to load it)"
                 )
-            if not check_target_module_exists(self.config, module):
+            if self._names_targets() and not check_target_module_exists(self.config, module):
                 targets = self.config.target_modules
                 shown = sorted(targets) if isinstance(targets, (set, list)) else targets
                 raise SafeMergeError(
@@ -184,6 +191,13 @@ class LoraAdapter:
                 )
             self._shapes[module] = (down, up)
         return modules
+
+    def _names_targets(self) -> bool:
+        """Whether ``target_modules`` names modules. ``None`` (PEFT's mapping by model type) and
+        ``"all-linear"`` are resolved by PEFT from the model when it trains; the modules in
+        the saved weights are then the adapter's modules, as PEFT loads them."""
+        targets = self.config.target_modules
+        return targets is not None and targets != "all-linear"
 
     @property
     def modules(self) -> frozenset[str]:

@@ -59,6 +59,9 @@ class OutputKind:
     command: str
     patterns: tuple[str, ...] = MODEL_OUTPUT_PATTERNS
     output: str | None = None
+    dependents: tuple[tuple[str, str], ...] = ()
+    """Files other commands write about this output (name, format): they describe the output
+    they sit beside, so they go with it when it is replaced (never presented as current)."""
 
     def owns(self, document: Mapping[str, Any]) -> bool:
         """Whether a manifest document is one of this kind (a v2 report without ``output`` is a
@@ -69,9 +72,22 @@ class OutputKind:
 
 
 REPORT_FILE = "safemerge_report.json"
-MODEL = OutputKind("merged model", REPORT_FILE, "safemerge-report", "mergekit-yaml", output="model")
+EVAL_FILE = ("safemerge_eval.json", "safemerge-eval")
+MODEL = OutputKind(
+    "merged model",
+    REPORT_FILE,
+    "safemerge-report",
+    "mergekit-yaml",
+    output="model",
+    dependents=(EVAL_FILE,),
+)
 ADAPTER = OutputKind(
-    "adapter", REPORT_FILE, "safemerge-report", "safemerge adapter", output="adapter"
+    "adapter",
+    REPORT_FILE,
+    "safemerge-report",
+    "safemerge adapter",
+    output="adapter",
+    dependents=(EVAL_FILE,),
 )
 SCAN = OutputKind("scan", "scan.json", "safemerge-scan", "safemerge scan", patterns=("scan.*",))
 DEMO_MODELS = OutputKind(
@@ -81,7 +97,14 @@ DEMO_MODELS = OutputKind(
     "safemerge demo-models",
     patterns=(*MODEL_OUTPUT_PATTERNS, "demo_models.json"),
 )
-KINDS: tuple[OutputKind, ...] = (MODEL, ADAPTER, SCAN, DEMO_MODELS)
+TUNE = OutputKind(
+    "tune result",
+    "tune.json",
+    "safemerge-tune",
+    "safemerge tune",
+    patterns=("tune.*", "chosen.yml", *MODEL_OUTPUT_PATTERNS),
+)
+KINDS: tuple[OutputKind, ...] = (MODEL, ADAPTER, SCAN, DEMO_MODELS, TUNE)
 
 
 def read_manifest(path: str, fmt: str | None = None) -> dict[str, Any] | None:
@@ -111,7 +134,13 @@ class DestinationLock:
 
     def acquire(self, what: str) -> None:
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as error:
+                raise SafeMergeError(
+                    f"{what}: cannot write in {os.path.dirname(self.path)} "
+                    f"({error.strerror or error})"
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -154,6 +183,13 @@ def _inside(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
 
+def require_path(destination: str, what: str = "output folder") -> None:
+    """An empty or blank output path (an unset shell variable) would write into the current
+    folder: refused, before anything else is checked."""
+    if not destination or not destination.strip():
+        raise SafeMergeError(f"the {what} is an empty path (an unset variable?); give a folder")
+
+
 class OutputFolder:
     """Where a run's files go: validated first, staged during the run, published at the end.
 
@@ -169,8 +205,7 @@ class OutputFolder:
         inputs: Mapping[str, str] | None = None,
         what: str = "output folder",
     ):
-        if not destination or not destination.strip():
-            raise SafeMergeError(f"the {what} is an empty path (an unset variable?); give a folder")
+        require_path(destination, what)
         self.kind = kind
         self.destination = os.path.abspath(os.path.expanduser(destination))
         self.manifest = kind.manifest
@@ -250,6 +285,9 @@ class OutputFolder:
             full = os.path.realpath(os.path.join(self.destination, name))
             if _inside(full, real) and full != real:  # never a path outside the folder
                 listed.append(os.path.relpath(full, real))
+        for name, fmt in self.kind.dependents:  # e.g. an eval result of the replaced model
+            if read_manifest(os.path.join(self.destination, name), fmt) is not None:
+                listed.append(name)
         return listed
 
     def _foreign_files(self) -> list[str]:
@@ -296,6 +334,8 @@ class OutputFolder:
     def _make_parents(self, parent: str) -> None:
         missing = []
         while parent and not os.path.isdir(parent):
+            if os.path.lexists(parent):
+                raise SafeMergeError(f"{self.label}: {parent} is a file, not a folder")
             missing.append(parent)
             parent = os.path.dirname(parent)
         for folder in reversed(missing):
@@ -344,6 +384,7 @@ class OutputFolder:
         """
         manifest["files"] = sorted({*self.staged_files(), self.manifest})
         write_json_atomic(os.path.join(self.staging, self.manifest), manifest)
+        _modes_from_umask(self.staging)
         staged = self.staged_files()
         if not os.path.exists(self.destination):
             os.rename(self.staging, self.destination)
@@ -380,6 +421,25 @@ class OutputFolder:
         return target
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _modes_from_umask(folder: str) -> None:
+    """Every file and folder of ``folder`` with the mode the umask gives a new one (some writers,
+    safetensors among them, create weights 0600: unreadable to a server running as another
+    user)."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 def describe_os_error(error: OSError, where: str) -> str:
     """One line for an OS error while writing ``where`` (a full disk named as such)."""
     if error.errno == errno.ENOSPC:
@@ -395,8 +455,7 @@ def write_json_atomic(path: str, document: Any) -> None:
     """Write ``document`` to ``path`` through a temporary file in the same folder, then rename."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     try:
         os.chmod(temporary, 0o666 & ~umask)  # as open() would create it, not mkstemp's 0600
         with os.fdopen(fd, "w", encoding="utf-8") as fp:
