@@ -31,6 +31,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from benchmarks.miniature import recipes, shipped  # noqa: E402
+from benchmarks.miniature import world as w  # noqa: E402
 from benchmarks.miniature.run import (  # noqa: E402
     DEFAULT_CACHE,
     HERE,
@@ -134,6 +135,56 @@ def run_merges(jobs: dict[str, list[str]], done: str = "merged") -> None:
             tool = os.path.basename(jobs[name][0])
             raise SystemExit(f"{tool} failed for {name} (output above)")
         print(f"      {name}: {done} in {time.perf_counter() - started:.0f} s")
+
+
+TUNE_PROMPTS = 40
+"""Validation prompts per set for the demo's ``safemerge tune`` (a small grid: it must fit the
+demo's time; the whole validation split is for ``make miniature``)."""
+
+
+def tune_step(world, profile, work: str, setting: dict) -> list[str]:
+    """``safemerge tune`` once on the validation prompts, around the configuration make
+    miniature chose: the command, the chosen point, the controls' verdict, the picture."""
+    sets = eval_sets(profile.world, "val", TUNE_PROMPTS, benign=True)
+    folder = os.path.join(work, "tune-inputs")
+    os.makedirs(folder, exist_ok=True)
+    files = {}
+    for name, lines in (
+        ("harmful.txt", [r.prompt for r in sets.harmful]),
+        ("benign.txt", [r.prompt for r in sets.benign]),
+        ("task.jsonl", [json.dumps({"prompt": p.prompt, "answer": p.answer}) for p in sets.task]),
+    ):
+        files[name] = os.path.join(folder, name)
+        with open(files[name], "w", encoding="utf-8") as fp:
+            fp.write("".join(line + "\n" for line in lines))
+    config = recipes.write_recipe(
+        recipes.safemerge_factors(
+            world.aligned, world.unaligned, world.finetuned[shipped.FRACTION], world.safety
+        ),  # fmt: skip
+        os.path.join(work, "tune.yml"),
+    )
+    out = os.path.join(work, "tune")
+    command = [
+        os.path.join(os.path.dirname(sys.executable), "safemerge"), "tune", config, out,
+        "--harmful", files["harmful.txt"], "--task", files["task.jsonl"],
+        "--benign", files["benign.txt"], "--refusal-pattern", "^" + w.REFUSAL_PREFIX,
+        "--max-points", "4", "--safety-weights", "0.2,0.8", "--lambdas", f"{setting['lambda']:g}",
+        "--max-new-tokens", "20", "--batch-size", "256", "--random-seeds", "2", "--quiet",
+    ]  # fmt: skip
+    print("      " + shown(command))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error"}
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode not in (0, 1) or not os.path.isfile(os.path.join(out, "tune.json")):
+        sys.stdout.write(done.stdout + done.stderr)
+        raise SystemExit("safemerge tune failed (output above)")
+    with open(os.path.join(out, "tune.json"), encoding="utf-8") as fp:
+        document = json.load(fp)
+    print(f"      tuned {len(document['points'])} points in {time.perf_counter() - started:.0f} s "
+          f"on {TUNE_PROMPTS} validation prompts per set:")  # fmt: skip
+    lines = [f"    {line}" for line in document["summary"].splitlines()[1:]]
+    lines.append(f"      picture: {os.path.relpath(os.path.join(out, 'tune.png'))}")
+    return lines
 
 
 def cell(score: Score, metric: str) -> str:
@@ -248,10 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     plan = PROFILES["full"][1]
     world = shipped.shipped_world(profile)
     if world is not None:
-        print(f"[1/4] tiny trained Llama models of the miniature world, {profile.layers} blocks")
+        print(f"[1/5] tiny trained Llama models of the miniature world, {profile.layers} blocks")
         print(f"      shipped in {os.path.relpath(shipped.MODELS)}/")
     else:
-        print("[1/4] the shipped models do not match the training code; training them (minutes):")
+        print("[1/5] the shipped models do not match the training code; training them (minutes):")
         for path in shipped.missing(profile):
             print(f"      missing {path}")
         world = build_world(profile, os.path.join(DEFAULT_CACHE, "models"), progress=True)
@@ -281,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     print(
-        f"[2/4] SafeMERGE (threshold {setting['threshold']:g}, safety_weight "
+        f"[2/5] SafeMERGE (threshold {setting['threshold']:g}, safety_weight "
         f"{setting['weight']:g}: {source}) with the stock mergekit command:"
     )
     config = recipe("safemerge", threshold=setting["threshold"])
@@ -319,15 +370,19 @@ def main(argv: list[str] | None = None) -> int:
     if merged > 0:
         run_merges({control: merge_command(control_config, control_out)})
 
-    print(f"[3/4] SafeMERGE's decision per matrix (merge when rho < {setting['threshold']:g}):")
+    print(f"[3/5] SafeMERGE's decision per matrix (merge when rho < {setting['threshold']:g}):")
     for m in report.matrices:
         if m.rho is not None:
             name = m.name.removeprefix("model.").removesuffix(".weight")
             print(f"      {name:<28} rho {m.rho:.3f}  {m.decision}")
 
+    print("[4/5] choosing the threshold and weight on validation prompts with safemerge tune:")
+    for line in tune_step(world, profile, work, setting):
+        print(line)
+
     test = eval_sets(profile.world, "test")
     print(
-        f"[4/4] held-out test prompts (never seen in training): {len(test.harmful)} harmful, "
+        f"[5/5] held-out test prompts (never seen in training): {len(test.harmful)} harmful, "
         f"{len(test.task)} task, {len(test.benign)} benign"
     )
     # (model folder, LoRA adapter applied with PEFT on top of it or None)

@@ -51,6 +51,26 @@ def safemerge(
     }
 
 
+def safemerge_factors(
+    aligned: str, unaligned: str, finetuned: str, safety: str, *, targets: str = TARGETS,
+    **parameters: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """A ``safemerge`` recipe with both LoRA roles as adapters read as factors (what
+    ``safemerge adapter`` and ``safemerge tune`` read without a merge cache)."""
+    return {
+        "merge_method": "safemerge",
+        "base_model": aligned,
+        "models": [{"model": unaligned, "parameters": {"role": "unaligned"}}],
+        "parameters": {
+            "targets": targets,
+            "finetuned_adapter": finetuned,
+            "safety_adapter": safety,
+            **parameters,
+        },
+        "dtype": "float32",
+    }
+
+
 def interpolation(aligned: str, finetuned: str, lam: float) -> dict[str, Any]:
     """Stock mergekit ``linear``: ``(1 - lambda) W_al + lambda W_ft = W_al + lambda D`` for every
     tensor (Farn et al. 2024's interpolation back toward the aligned model; no safety model)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 
 import torch
@@ -18,12 +20,37 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
+def adapter_base(path: str) -> str | None:
+    """The base model of a PEFT adapter folder (``safemerge adapter``'s output), or None when
+    ``path`` is a model folder."""
+    config = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(config) or os.path.isfile(os.path.join(path, "config.json")):
+        return None
+    with open(config, encoding="utf-8") as fp:
+        base = json.load(fp).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{config} names no base_model_name_or_path")
+    return base
+
+
 def load_model(path: str, *, device: str = "cpu", dtype: str = "float32", tokenizer: bool = True):
-    """``(model, tokenizer)`` in eval mode (``tokenizer=False``: ``(model, None)``)."""
+    """``(model, tokenizer)`` in eval mode (``tokenizer=False``: ``(model, None)``).
+
+    A PEFT adapter folder is loaded on its base model and merged into it (PEFT's own
+    ``merge_and_unload``); its tokenizer is the adapter folder's when it has one, else the
+    base model's."""
     torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    base = adapter_base(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base or path, dtype=torch_dtype)
+    if base is not None:
+        import peft  # deferred: only adapter folders need it
+
+        model = peft.PeftModel.from_pretrained(model, path).merge_and_unload()
     model.to(device).eval()
-    return model, (load_tokenizer(path) if tokenizer else None)
+    if not tokenizer:
+        return model, None
+    has_own = base is None or os.path.isfile(os.path.join(path, "tokenizer_config.json"))
+    return model, load_tokenizer(path if has_own else base)
 
 
 def render_prompts(tokenizer, prompts: Sequence[str], chat: bool = True) -> list[str]:

@@ -474,6 +474,13 @@ def verdict(run: TuneRun, settings: TuneSettings, test_given: bool) -> list[str]
             f"chosen: {c.label} (threshold range ({c.threshold_range[0]:.4g}, "
             f"{c.threshold_range[1]:.4g}]), written to chosen.yml"
         )
+        base = next(p for p in run.points if p.family == "finetuned").outcome
+        if (c.outcome.harmfulness or 0.0) >= (base.harmfulness or 0.0):
+            words.append(
+                f"the chosen point does not lower the validation harmfulness below the "
+                f"fine-tuned model's ({_pct(base.harmfulness).strip()}): no point that keeps "
+                f"{settings.keep_accuracy:g} of its accuracy helps here (see --keep-accuracy)"
+            )
         for p in run.points:
             if p.family in ("all", "interpolation", "random_k", "no-safety") and dominates(
                 p.outcome, c.outcome
