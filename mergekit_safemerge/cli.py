@@ -101,7 +101,7 @@ def cli() -> None:
     """SafeMERGE beside the stock `mergekit-yaml` merge: safety LoRA, adapter, scan, report, eval.
 
     \b
-    Train:   safemerge safety-lora ALIGNED safety/       (the safety role's LoRA, --data d.jsonl)
+    Train:   safemerge safety-lora ALIGNED safety/    (the safety role's LoRA, --data d.jsonl)
     Merge:   mergekit-yaml my-safemerge.yml out/      (stock mergekit, method `safemerge`)
     Adapter: safemerge adapter my-safemerge.yml out/  (the same merge as a PEFT LoRA adapter)
     Inspect: safemerge scan my-safemerge.yml          (rho of every matrix, threshold sweep)

@@ -42,7 +42,9 @@ def test_resource_table_in_recipes_doc_is_the_script_output():
     assert table in (ROOT / "docs" / "recipes.md").read_text()
 
 
-@pytest.mark.parametrize("command", ["", "adapter", "scan", "report", "eval", "demo-models"])
+@pytest.mark.parametrize(
+    "command", ["", "adapter", "safety-lora", "scan", "report", "eval", "demo-models"]
+)
 def test_cli_help_in_docs_is_the_commands_own(command):
     from click.testing import CliRunner
 

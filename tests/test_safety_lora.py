@@ -225,15 +225,27 @@ def test_self_refusals_where_the_model_refuses_nothing(chat, pairs, tmp_path, ca
 
 
 @pytest.mark.slow
-def test_help_imports_no_trl():
+def test_help_and_the_train_modules_import_no_trl():
+    """TRL loads when a run trains, not for `safemerge --help`, nor with train/'s modules; and
+    train/ imports none of the edges (the CLI, the demo models, the scan's plotting)."""
     code = (
         "import sys\nfrom mergekit_safemerge.cli import main\n"
         "main(['--help']); main(['safety-lora', '--help'])\n"
-        "print('TRL', any(m == 'trl' or m.startswith('trl.') for m in sys.modules))"
+        "print('TRL', any(m == 'trl' or m.startswith('trl.') for m in sys.modules))\n"
+        "import mergekit_safemerge.train.run, mergekit_safemerge.train.sft\n"
+        "print('TRL', any(m == 'trl' or m.startswith('trl.') for m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().endswith("TRL False")
+    assert out.stdout.strip().splitlines()[-2:] == ["TRL False", "TRL False"]
+    edges = (
+        "import sys, mergekit_safemerge.train.run, mergekit_safemerge.train.sft\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('mergekit_safemerge.cli', "
+        "'mergekit_safemerge.demo', 'mergekit_safemerge.outputs.scan'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", edges], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 # ---------------------------------------------------------------- one real training run

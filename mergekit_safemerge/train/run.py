@@ -31,7 +31,7 @@ from mergekit_safemerge.eval.generation import generate_from_texts, load_model
 from mergekit_safemerge.eval.judges import REFUSAL_PATTERNS, RefusalPatternJudge
 from mergekit_safemerge.outputs.folder import SAFETY_LORA, OutputFolder
 from mergekit_safemerge.sources import looks_local
-from mergekit_safemerge.train import SafetyLoraOptions
+from mergekit_safemerge.train import SafetyLoraOptions, sft
 from mergekit_safemerge.train.data import DataSet, Example, read_data, split_held_out
 from mergekit_safemerge.train.report import (
     FORMAT,
@@ -283,9 +283,7 @@ def run_safety_lora(
             None if options.self_refusals else sum(judge.is_refusal(r) for _, r in pairs)
         )
 
-        from mergekit_safemerge.train.sft import LoraSchedule, loss_by_tenth, train_lora
-
-        schedule = LoraSchedule(
+        schedule = sft.LoraSchedule(
             targets=tuple(options.targets),
             rank=options.rank,
             alpha=options.lora_alpha,
@@ -297,7 +295,7 @@ def run_safety_lora(
             seed=options.seed,
         )
         training_started = time.monotonic()
-        trained = train_lora(
+        trained = sft.train_lora(
             model, tokenizer, pairs, schedule, device=options.device, progress=not options.quiet
         )
         training_seconds = time.monotonic() - training_started
@@ -306,7 +304,7 @@ def run_safety_lora(
         trained.model.peft_config["default"].base_model_name_or_path = aligned
         trained.model.save_pretrained(output.staging, safe_serialization=True)
         _readable(output.staging)
-        tenths = loss_by_tenth(trained.losses)
+        tenths = sft.loss_by_tenth(trained.losses)
         report = {
             "format": FORMAT,
             "version": VERSION,
