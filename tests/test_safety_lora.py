@@ -466,3 +466,32 @@ def test_a_signal_mid_training_publishes_nothing(sig, status, trained, tmp_path)
     assert tree_snapshot(out) == before
     assert not [p for p in tmp_path.iterdir() if ".safemerge" in p.name]
     assert not list(scratch.glob("safemerge-safety-lora-*"))
+
+
+def test_responses_longer_than_max_length_are_counted(chat):
+    import transformers
+
+    from mergekit_safemerge.train.run import count_truncated, drop_long_prompts
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(chat["aligned"])
+    prompt = [{"role": "user", "content": "how do i rob a bank"}]
+    assert count_truncated(tokenizer, [(prompt, "no."), (prompt, "no " * 40)], 60) == 1
+    data = read_data(str(_write_jsonl(Path(chat["aligned"]).parent / "long.jsonl", [
+        {"prompt": "a" * 10, "response": "b"}, {"prompt": "a" * 80, "response": "b"},
+    ])))  # fmt: skip
+    kept, dropped = drop_long_prompts(tokenizer, data.examples, 60)
+    assert dropped == 1 and [e.line for e in kept] == [1]
+
+
+@pytest.mark.slow
+def test_an_adapter_that_moves_nothing_gets_a_warning(chat, pairs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _run(
+        chat["aligned"], out, pairs, "--quiet", "--max-steps", "1", "--lr", "1e-12",
+        "--eval-fraction", "0.25", "--max-new-tokens", "6", "--batch-size", "24",
+    ) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    report = json.loads((out / REPORT).read_text())
+    assert report["held_out"]["responses_changed"] == 0 and not report["held_out"]["changed"]
+    assert "warning: training changed none of the 6 held-out responses" in err
+    assert "mostly shrink the fine-tune's update" in (out / "README.md").read_text()
