@@ -347,6 +347,7 @@ def run_safety_lora(
                 "loss_first_tenth": tenths[0] if tenths else None,
                 "loss_last_tenth": tenths[-1] if tenths else None,
                 "loss_by_tenth": tenths,
+                "losses": trained.losses,
                 "seconds": round(training_seconds, 2),
             },
             "held_out": None,
