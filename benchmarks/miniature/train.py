@@ -577,6 +577,7 @@ def build_world(
         )
         run(stage, path, body)
         finetuned[fraction] = path
+
     def safety(stage: str):
         report = train_safety_lora(profile, folder["aligned"], folder["safety"], progress)
         training = report["training"]
