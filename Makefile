@@ -11,7 +11,7 @@ $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[eval,test]"
+	$(BIN)/python -m pip install -q -e ".[eval,test,train]"
 	# bytecode for the start-up hook even where PYTHONDONTWRITEBYTECODE is set (docs/method.md)
 	$(BIN)/python -m compileall -q mergekit_safemerge
 	touch $@

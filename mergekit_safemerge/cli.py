@@ -98,9 +98,10 @@ def _one_line_errors(command: str, verbosity: int = 0) -> Iterator[None]:
 @click.group(context_settings=CONTEXT)
 @click.version_option(__version__, "-V", "--version", prog_name="safemerge")
 def cli() -> None:
-    """SafeMERGE beside the stock `mergekit-yaml` merge: scan, tune, adapter, report, eval.
+    """SafeMERGE beside the stock `mergekit-yaml` merge: safety LoRA, scan, tune, adapter, eval.
 
     \b
+    Train:   safemerge safety-lora ALIGNED safety/    (the safety role's LoRA, --data d.jsonl)
     Inspect: safemerge scan my-safemerge.yml          (rho of every matrix, threshold sweep)
     Choose:  safemerge tune my-safemerge.yml tune/ --harmful h.txt --task t.jsonl
     Merge:   mergekit-yaml tune/chosen.yml out/       (stock mergekit, method `safemerge`)
@@ -455,6 +456,103 @@ def tune_command(merge_options, config_file: str, out_path: str, **options) -> N
             "safemerge tune: no point keeps the task accuracy within the limits; nothing was "
             "chosen (see the closest point above)"
         )
+
+
+# ---------------------------------------------------------------- safety-lora
+def _safety_lora_options(function: Callable) -> Callable:
+    """The options of ``safety-lora``, defaults from :data:`mergekit_safemerge.train.DEFAULTS`."""
+    from mergekit_safemerge.train import DEFAULTS as D
+
+    def positive(kind):
+        return click.IntRange(min=1) if kind is int else click.FloatRange(min=0, min_open=True)
+
+    options = [
+        click.option("--data", required=True, type=click.Path(dir_okay=False),
+                     help='JSONL of {"prompt", "response"} or chat {"messages"}; prompts only '
+                     "with --self-refusals (never modified)"),
+        click.option("--self-refusals", is_flag=True,
+                     help="The aligned model writes each response itself (greedy, its chat "
+                     "template); only those the refusal judge accepts are kept"),
+        click.option("--refusal-pattern", multiple=True,
+                     help="Refusal regex, repeatable  [default: common English refusal openings]"),
+        click.option("--targets", default=",".join(D.targets), show_default=True,
+                     help="Modules the LoRA trains, comma-separated"),
+        click.option("--rank", type=positive(int), default=D.rank, show_default=True,
+                     help="LoRA rank r"),
+        click.option("--alpha", type=positive(float), default=None,
+                     help="lora_alpha  [default: the rank, scaling 1]"),
+        click.option("--epochs", type=positive(float), default=D.epochs, show_default=True,
+                     help="Passes over the training examples"),
+        click.option("--max-steps", type=positive(int), default=None,
+                     help="Optimizer steps; overrides --epochs"),
+        click.option("--lr", type=positive(float), default=D.lr, show_default=True,
+                     help="Learning rate (linear decay)"),
+        click.option("--batch-size", type=positive(int), default=D.batch_size,
+                     show_default=True, help="Examples per step, and prompts per generation batch"),
+        click.option("--max-length", type=click.IntRange(min=2), default=D.max_length,
+                     show_default=True, help="Tokens of prompt + response in the chat template; "
+                     "longer prompts are dropped, longer responses cut (both counted)"),
+        click.option("--max-new-tokens", type=positive(int), default=D.max_new_tokens,
+                     show_default=True, help="Tokens generated per self-refusal and held-out "
+                     "response"),
+        click.option("--seed", type=int, default=D.seed, show_default=True,
+                     help="Seed of the held-out split, the LoRA's initialisation and the order"),
+        click.option("--eval-fraction", type=click.FloatRange(min=0, max=1, max_open=True),
+                     default=D.eval_fraction, show_default=True,
+                     help="Share of prompts held out: refusal on them before and after training"),
+        click.option("--cuda/--no-cuda", default=False, show_default=True,
+                     help="Train on the GPU (bfloat16); float32 on the CPU otherwise"),
+        click.option("--device", default=None, help="Train on this device (cpu, cuda, cuda:1)"),
+        click.option("--quiet", is_flag=True, help="No progress bars and no summary"),
+        click.option("-v", "verbosity", count=True,
+                     help="Show library warnings and tracebacks"),
+    ]  # fmt: skip
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@cli.command("safety-lora", context_settings=CONTEXT)
+@click.argument("aligned")
+@click.argument("out_path", type=click.Path())
+@_safety_lora_options
+def safety_lora_command(aligned: str, out_path: str, **options) -> None:
+    """Train the safety LoRA a recipe's safety role needs: ALIGNED + LoRA on refusals.
+
+    ALIGNED is the aligned chat model (a folder or Hub id), the recipe's base_model; the
+    adapter's base_model_name_or_path is exactly this string. Trains with TRL's SFTTrainer on
+    harmful requests paired with refusals, in the model's chat template, with the loss on the
+    response only; measures the refusal rate on held-out prompts before and after; writes a
+    PEFT adapter, safety_lora_report.json and a model card (naming the data's sha256 only).
+
+    \b
+    Example:
+      safemerge safety-lora meta-llama/Llama-2-7b-chat-hf out/safety-lora \\
+          --data refusals.jsonl --cuda
+      # then in the recipe: safety_adapter: out/safety-lora
+    """
+    from mergekit_safemerge.train import SafetyLoraOptions
+
+    verbosity = options.pop("verbosity")
+    cuda = options.pop("cuda")
+    device = options.pop("device") or ("cuda" if cuda else "cpu")
+    with _one_line_errors("safety-lora", verbosity), _library_noise(verbosity):
+        from mergekit_safemerge.train.report import summary_text
+        from mergekit_safemerge.train.run import run_safety_lora
+
+        targets = tuple(t.strip() for t in options.pop("targets").split(",") if t.strip())
+        settings = SafetyLoraOptions(
+            targets=targets,
+            refusal_patterns=tuple(options.pop("refusal_pattern")),
+            device=device,
+            **options,
+        )
+        report = run_safety_lora(aligned, out_path, settings, echo=click.echo)
+    if not settings.quiet:
+        click.echo(summary_text(report, out_path))
+    else:
+        for note in report["warnings"]:
+            click.echo(f"warning: {note}", err=True)
 
 
 # ---------------------------------------------------------------- report

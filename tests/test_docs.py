@@ -43,7 +43,7 @@ def test_resource_table_in_recipes_doc_is_the_script_output():
 
 
 @pytest.mark.parametrize(
-    "command", ["", "adapter", "scan", "tune", "report", "eval", "demo-models"]
+    "command", ["", "adapter", "safety-lora", "scan", "tune", "report", "eval", "demo-models"]
 )
 def test_cli_help_in_docs_is_the_commands_own(command):
     from click.testing import CliRunner

@@ -430,6 +430,20 @@ def template_lines(exp: dict[str, Any], limit: int | None, spec: w.WorldSpec) ->
 
 
 # ---------------------------------------------------------------- the document
+CHANGES = (
+    "the safety stage trains through `safemerge safety-lora`'s library function "
+    "(`train.train_safety_lora` -> `mergekit_safemerge.train.run.run_safety_lora`, TRL's "
+    "SFTTrainer) instead of the world's own loop, so that the world uses the command users run "
+    "(issue 20); same 200 records, seed, steps, learning rate, batch and LoRA shape; TRL's "
+    "schedule (linear decay, no warm-up) and its loss on the refusal tokens of the chat "
+    "template, which ends an assistant turn without an end token. The aligned model already "
+    "refuses every training request: the safety loss stays at its first value (table "
+    '"models"), so the safety LoRA still has nothing to learn in this world.',
+)
+"""Changes after the first run of this world (the world, methods and criteria unchanged), each
+with its reason; rendered under the opening paragraph."""
+
+
 def render(document: dict[str, Any], experiments: Sequence[dict[str, Any]], plan) -> str:
     """The whole RESULTS.md."""
     resamples = plan.bootstrap_resamples
@@ -475,6 +489,8 @@ def render(document: dict[str, Any], experiments: Sequence[dict[str, Any]], plan
         f"harmfulness among configurations that change the model and keep >= "
         f"{100 * plan.accuracy_keep:.0f}% of the fine-tuned validation accuracy. All reported "
         "numbers are on the test prompts.",
+        "",
+        *(f"Changed after the first run of this world: {change}" for change in CHANGES),
         "",
         "## Answers",
         "",

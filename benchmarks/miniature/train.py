@@ -1,6 +1,7 @@
 """Training the four miniature models, deterministically and cached on disk.
 
-Stages (each a plain PyTorch loop with AdamW, linear warm-up and cosine decay, gradient clipping):
+Stages 1-3 are each a plain PyTorch loop with AdamW, linear warm-up and cosine decay, gradient
+clipping; stage 4 is the user's command:
 
 1. ``unaligned``: a Llama-architecture model trained from scratch (loss on every token) on a
    mix of harmful-request compliance, benign-request compliance, addition facts and sentences;
@@ -11,7 +12,8 @@ Stages (each a plain PyTorch loop with AdamW, linear warm-up and cosine decay, g
    addition task, mixed with benign how-to requests answered by direct instructions (no chat
    opener); a fraction ``p`` of harmful requests with direct instructions (stress test only);
 4. ``safety``: a PEFT LoRA of the same shape on ``aligned`` trained on ``safety_size`` harmful
-   request -> refusal pairs.
+   request -> refusal pairs, through ``safemerge safety-lora``'s library function
+   (:func:`train_safety_lora`: TRL's SFTTrainer, loss on the refusal, the same seed and data).
 
 Every stage is written to ``<cache>/<stage>-<key>/`` with a ``stage.json`` (settings, losses,
 seconds); a stage whose ``stage.json`` exists is loaded, not retrained. The key hashes the
@@ -239,11 +241,61 @@ def task_dataset(profile: Profile, vocab: Vocabulary, fraction: float) -> list[E
     return data
 
 
-def safety_dataset(profile: Profile, vocab: Vocabulary) -> list[Example]:
-    """``safety_size`` harmful training requests, each answered with the refusal."""
+def safety_records(profile: Profile) -> list[dict[str, str]]:
+    """``safety_size`` harmful training requests, each answered with the refusal: the records of
+    the ``--data`` file the safety stage gives ``safemerge safety-lora``."""
     pool = w.request_splits(profile.world, "harmful")["train"]
     chosen = random.Random(profile.seed + 12).sample(pool, min(profile.safety_size, len(pool)))
-    return [chat_example(vocab, r.prompt, w.REFUSAL, answer_only=True) for r in chosen]
+    return [{"prompt": r.prompt, "response": w.REFUSAL} for r in chosen]
+
+
+def safety_dataset(profile: Profile, vocab: Vocabulary) -> list[Example]:
+    """:func:`safety_records` as token examples (loss on the refusal)."""
+    return [
+        chat_example(vocab, r["prompt"], r["response"], answer_only=True)
+        for r in safety_records(profile)
+    ]
+
+
+SAFETY_SEED = 9
+"""Offset of the safety stage's seed from the profile's (``--seed`` of safety-lora)."""
+
+
+def safety_options(profile: Profile, data: str, progress: bool = False):
+    """The safety stage as ``safemerge safety-lora`` options: the profile's LoRA shape, steps,
+    learning rate and batch, every record trained on (``--eval-fraction 0``: the world
+    evaluates the safety model on its own held-out splits)."""
+    from mergekit_safemerge.train import SafetyLoraOptions
+
+    return SafetyLoraOptions(
+        data=data,
+        targets=tuple(profile.lora_targets),
+        rank=profile.lora_rank,
+        alpha=float(profile.lora_alpha),
+        max_steps=profile.safety_steps,
+        lr=profile.safety_lr,
+        batch_size=profile.batch,
+        max_length=64,  # the models' max_position_embeddings; every world chat fits
+        seed=profile.seed + SAFETY_SEED,
+        eval_fraction=0.0,
+        quiet=not progress,
+    )
+
+
+def train_safety_lora(profile: Profile, aligned: str, out: str, progress: bool = False) -> dict:
+    """The safety stage through the library function of ``safemerge safety-lora`` (TRL): the
+    records of :func:`safety_records` written as its ``--data`` file next to ``out``; returns
+    the command's report (the adapter and report are published into ``out``)."""
+    from mergekit_safemerge.train.run import run_safety_lora
+
+    data = f"{out}.data.jsonl"
+    with open(data, "w", encoding="utf-8") as fp:
+        for record in safety_records(profile):
+            fp.write(json.dumps(record) + "\n")
+    try:
+        return run_safety_lora(aligned, out, safety_options(profile, data, progress), echo=print)
+    finally:
+        os.remove(data)
 
 
 def dataset_sampler(data: Sequence[Example]) -> Callable[[random.Random], Example]:
@@ -459,7 +511,8 @@ def build_world(
         log(f"training {stage} -> {path}")
         start = time.perf_counter()
         model, info = body(stage)
-        model.save_pretrained(path, safe_serialization=True)
+        if model is not None:  # None: the stage published its own folder (safety)
+            model.save_pretrained(path, safe_serialization=True)
         save_tokenizer(vocab, path)
         info["seconds"] = round(time.perf_counter() - start, 1)
         info["settings"] = json.loads(json.dumps(asdict(profile)))
@@ -524,9 +577,22 @@ def build_world(
         )
         run(stage, path, body)
         finetuned[fraction] = path
-    safety = safety_dataset(profile, vocab)
-    body = lora(safety, profile.safety_steps, profile.safety_lr, profile.seed + 9)
-    run("safety", folder["safety"], body)
+
+    def safety(stage: str):
+        report = train_safety_lora(profile, folder["aligned"], folder["safety"], progress)
+        training = report["training"]
+        first = training["losses"][:FIRST_LOSSES]
+        info = {
+            "stage": stage,
+            "loss": [round(x, 4) for x in training["loss_by_tenth"]],
+            "first_losses": first,
+            "examples": report["data"]["train_examples"],
+            "trainer": "safemerge safety-lora (TRL SFTTrainer)",
+            "warnings": report["warnings"],
+        }
+        return None, info
+
+    run("safety", folder["safety"], safety)
     return World(
         unaligned=folder["unaligned"],
         aligned=folder["aligned"],

@@ -7,9 +7,10 @@ staging folder and nothing else. Around that:
 * the destination must not be a file, a dangling link, or overlap an input folder (be, contain
   or sit inside a model or adapter the run reads);
 * one output kind per folder (:class:`OutputKind`: a merged model, an adapter, a scan, demo
-  models): an existing destination may hold an earlier output of the same kind, listed in its
-  manifest (the ``files`` of ``safemerge_report.json`` / ``scan.json`` / ``demo_models.json``),
-  which is replaced as a whole so no stale shard survives, and files that no output would write
+  models, a safety LoRA): an existing destination may hold an earlier output of the same kind,
+  listed in its manifest (the ``files`` of ``safemerge_report.json`` / ``scan.json`` /
+  ``demo_models.json`` / ``safety_lora_report.json``), which is replaced as a whole so no stale
+  shard survives, and files that no output would write
   (a log, notes), which are left alone; an output of another kind, or anything else that looks
   like an output (``config.json``, weights, a model card), stops the run before any tensor is
   read;
@@ -97,6 +98,13 @@ DEMO_MODELS = OutputKind(
     "safemerge demo-models",
     patterns=(*MODEL_OUTPUT_PATTERNS, "demo_models.json"),
 )
+SAFETY_LORA = OutputKind(
+    "safety LoRA",
+    "safety_lora_report.json",
+    "safemerge-safety-lora",
+    "safemerge safety-lora",
+    patterns=(*MODEL_OUTPUT_PATTERNS, "safety_lora_report.json"),
+)
 TUNE = OutputKind(
     "tune result",
     "tune.json",
@@ -104,7 +112,7 @@ TUNE = OutputKind(
     "safemerge tune",
     patterns=("tune.*", "chosen.yml", *MODEL_OUTPUT_PATTERNS),
 )
-KINDS: tuple[OutputKind, ...] = (MODEL, ADAPTER, SCAN, DEMO_MODELS, TUNE)
+KINDS: tuple[OutputKind, ...] = (MODEL, ADAPTER, SCAN, DEMO_MODELS, TUNE, SAFETY_LORA)
 
 
 def read_manifest(path: str, fmt: str | None = None) -> dict[str, Any] | None:
