@@ -253,31 +253,9 @@ def run_safety_lora(
     check_loaded(model, aligned, options.targets)
 
     with signals_as_exceptions(), output:
-        generated = None
-        if options.self_refusals:
-            responses = respond(model, tokenizer, [*train, *held], options, "aligned responses")
-            before = responses[len(train) :]
-            own = responses[: len(train)]
-            keep = [judge.is_refusal(r) for r in own]
-            if not any(keep):
-                raise SafeMergeError(
-                    f"--self-refusals: aligned model {aligned} refused none of the "
-                    f"{len(train)} training prompts of {options.data} by the refusal judge; "
-                    "nothing to train on (give refusals in the data, or --refusal-pattern for "
-                    "this model's refusals)"
-                )
-            pairs = [(e.messages, r) for e, r, k in zip(train, own, keep, strict=True) if k]
-            trained_lines = [e.line for e, k in zip(train, keep, strict=True) if k]
-            generated = {
-                "generated": len(train),
-                "kept": len(pairs),
-                "dropped": {NOT_A_REFUSAL: len(train) - len(pairs)},
-                "max_new_tokens": options.max_new_tokens,
-            }
-        else:
-            before = respond(model, tokenizer, held, options, "held-out responses (before)")
-            pairs = [(e.messages, e.response) for e in train]
-            trained_lines = [e.line for e in train]
+        pairs, trained_lines, before, generated = _training_pairs(
+            model, tokenizer, train, held, options, judge, aligned
+        )
         truncated = count_truncated(tokenizer, pairs, options.max_length)
         given_refusals = (
             None if options.self_refusals else sum(judge.is_refusal(r) for _, r in pairs)
@@ -303,7 +281,6 @@ def run_safety_lora(
 
         trained.model.peft_config["default"].base_model_name_or_path = aligned
         trained.model.save_pretrained(output.staging, safe_serialization=True)
-        _readable(output.staging)
         tenths = sft.loss_by_tenth(trained.losses)
         report = {
             "format": FORMAT,
@@ -320,26 +297,7 @@ def run_safety_lora(
                 generated,
                 given_refusals,
             ),
-            "settings": {
-                "targets": list(options.targets),
-                "rank": options.rank,
-                "alpha": options.lora_alpha,
-                "dropout": 0.0,
-                "epochs": options.epochs,
-                "max_steps": options.max_steps,
-                "lr": options.lr,
-                "batch_size": options.batch_size,
-                "max_length": options.max_length,
-                "max_new_tokens": options.max_new_tokens,
-                "seed": options.seed,
-                "eval_fraction": options.eval_fraction,
-                "self_refusals": options.self_refusals,
-                "refusal_patterns": list(judge.patterns),
-                "device": options.device,
-                "dtype": dtype,
-                "chat_template": "the aligned model's",
-                "loss": "response tokens only (TRL prompt-completion, completion_only_loss)",
-            },
+            "settings": _settings_section(options, judge, dtype),
             "training": {
                 "steps": trained.steps,
                 "epochs": trained.epochs,
@@ -368,12 +326,55 @@ def run_safety_lora(
     return report
 
 
-def _readable(folder: str) -> None:
-    """Files as ``open()`` would create them (the safetensors writer leaves 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for name in os.listdir(folder):
-        os.chmod(os.path.join(folder, name), 0o666 & ~umask)
+def _training_pairs(model, tokenizer, train, held, options: SafetyLoraOptions, judge, aligned):
+    """``(pairs, their data lines, held-out responses before training, generation counts)``:
+    the data's own responses, or with ``--self-refusals`` the aligned model's, kept only where
+    the refusal judge accepts them."""
+    if not options.self_refusals:
+        before = respond(model, tokenizer, held, options, "held-out responses (before)")
+        return [(e.messages, e.response) for e in train], [e.line for e in train], before, None
+    responses = respond(model, tokenizer, [*train, *held], options, "aligned responses")
+    own, before = responses[: len(train)], responses[len(train) :]
+    keep = [judge.is_refusal(r) for r in own]
+    if not any(keep):
+        raise SafeMergeError(
+            f"--self-refusals: aligned model {aligned} refused none of the {len(train)} training "
+            f"prompts of {options.data} by the refusal judge; nothing to train on (give refusals "
+            "in the data, or --refusal-pattern for this model's refusals)"
+        )
+    pairs = [(e.messages, r) for e, r, k in zip(train, own, keep, strict=True) if k]
+    lines = [e.line for e, k in zip(train, keep, strict=True) if k]
+    generated = {
+        "generated": len(train),
+        "kept": len(pairs),
+        "dropped": {NOT_A_REFUSAL: len(train) - len(pairs)},
+        "max_new_tokens": options.max_new_tokens,
+    }
+    return pairs, lines, before, generated
+
+
+def _settings_section(options: SafetyLoraOptions, judge, dtype: str) -> dict[str, Any]:
+    """The report's ``settings``: every value the training used."""
+    return {
+        "targets": list(options.targets),
+        "rank": options.rank,
+        "alpha": options.lora_alpha,
+        "dropout": 0.0,
+        "epochs": options.epochs,
+        "max_steps": options.max_steps,
+        "lr": options.lr,
+        "batch_size": options.batch_size,
+        "max_length": options.max_length,
+        "max_new_tokens": options.max_new_tokens,
+        "seed": options.seed,
+        "eval_fraction": options.eval_fraction,
+        "self_refusals": options.self_refusals,
+        "refusal_patterns": list(judge.patterns),
+        "device": options.device,
+        "dtype": dtype,
+        "chat_template": "the aligned model's",
+        "loss": "response tokens only (TRL prompt-completion, completion_only_loss)",
+    }
 
 
 def _data_section(
