@@ -638,7 +638,7 @@ def test_reduced_pipeline_end_to_end(tmp_path):
         assert len(exp["ablation"]) == (exp["candidates"] if exp["fraction"] == 0 else 0)
     recipes = list((tmp_path / "cache" / "runs" / "smoke" / "recipes").rglob("*.yml"))
     assert any("safelora_projection" in p.read_text() for p in recipes)
-    assert any("merge_method: linear" in p.read_text() for p in recipes)
+    assert not any("merge_method: linear" in p.read_text() for p in recipes)  # tune, in memory
     assert os.path.isdir(tmp_path / "cache" / "lora-merges")
     # the report can be rendered again from the run's pickle
     again = driver.render_again("smoke", str(tmp_path / "cache"), str(tmp_path / "out2"))
@@ -657,3 +657,50 @@ def test_reduced_pipeline_end_to_end(tmp_path):
     stage.write_text(json.dumps({**info, "key": "0000000000"}))
     with pytest.raises(RuntimeError, match="does not match"):
         train.build_world(profile, str(tmp_path / "cache" / "models"), log=lambda _: None)
+
+
+@pytest.mark.slow
+def test_the_driver_points_in_memory_equal_merges_on_disk(tmp_path):
+    """The driver's SafeMERGE grid, select: all, interpolation, random layers, highest_k and
+    S = 0 points come from safemerge tune's one model in memory; on the smoke profile each equals
+    the stock mergekit-yaml merge of the same recipe, evaluated as before, to the last prompt."""
+    from benchmarks.miniature import recipes as rec
+    from mergekit_safemerge.core.decide import rank_matrices, threshold_selects
+    from mergekit_safemerge.tune.run import interpolated
+
+    torch.set_num_threads(1)
+    (profile,), plan = driver.PROFILES["smoke"]
+    cache = str(tmp_path / "cache")
+    world = train.build_world(profile, os.path.join(cache, "models"), log=lambda _: None)
+    runner = driver.Runner(profile, plan, world, cache, log=lambda _: None)
+    tuned = runner.tuned(0.0)
+    tunable, rhos = tuned.tunable, tuned.rhos
+    tau, a = plan.thresholds[1], plan.safety_weights[-1]
+    names = sorted(n for n, rho in rhos.items() if threshold_selects(rho, tau))
+    random_names = sorted(rank_matrices(rhos, "random_k", k=1, seed=plan.random_seeds[0]))
+    copy = str(tmp_path / "aligned-copy")
+    import shutil
+
+    shutil.copytree(world.aligned, copy)
+    cases = [
+        (runner.safemerge(0.0, threshold=tau, safety_weight=a),
+         lambda: tunable.merge(frozenset(names), a)),
+        (runner.safemerge(0.0, select="all", safety_weight=a),
+         lambda: tunable.merge(frozenset(rhos), a)),
+        (rec.interpolation(world.aligned, runner.finetuned_input(0.0), plan.interpolation[0]),
+         lambda: tunable.weights(interpolated(tunable, plan.interpolation[0], everywhere=True))),
+        (runner.safemerge(0.0, select="random_k", k=1, seed=plan.random_seeds[0],
+                          safety_weight=a), lambda: tunable.merge(frozenset(random_names), a)),
+        (runner.safemerge(0.0, safety=copy, threshold=tau, safety_weight=a),
+         lambda: tunable.merge(frozenset(names), a, safety=False)),
+        (runner.safemerge(0.0, select="none"), lambda: tunable.weights({})),
+    ]  # fmt: skip
+    for i, (recipe, state) in enumerate(cases):
+        config = rec.write_recipe(recipe, str(tmp_path / f"r{i}.yml"))
+        out = str(tmp_path / f"m{i}")
+        driver.run_mergekit_yaml(config, out, runner.lora_cache)
+        model, tokenizer = runner._load(out)
+        on_disk = driver.score_model(model, tokenizer, runner.test, plan)
+        with state() as in_memory_model:
+            in_memory = driver.score_model(in_memory_model, tuned.tokenizer, runner.test, plan)
+        assert on_disk == in_memory, recipe.get("parameters", recipe)

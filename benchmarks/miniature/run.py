@@ -1,6 +1,7 @@
-"""The miniature SafeMERGE reproduction: train (or load) the tiny worlds, merge every method with
-the stock ``mergekit-yaml`` click command in this process, evaluate on held-out prompts, and write
-``RESULTS.md``, ``results.json`` and ``miniature.png``.
+"""The miniature SafeMERGE reproduction: train (or load) the tiny worlds, merge every method (the
+stock ``mergekit-yaml`` click command in this process, or, for the SafeMERGE family and its
+controls, ``safemerge tune``'s one model in memory, the same weights), evaluate on held-out
+prompts, and write ``RESULTS.md``, ``results.json`` and ``miniature.png``.
 
     python -m benchmarks.miniature.run [--profile full|smoke] [--cache DIR] [--out DIR]
 
@@ -247,6 +248,7 @@ class Runner:
         self.eval_seconds = 0.0
         self.evaluated = 0
         self._load = load_model
+        self._tuned: dict[float, Any] = {}
         shutil.rmtree(self.work, ignore_errors=True)
 
     def finetuned_input(self, fraction: float) -> str:
@@ -263,6 +265,55 @@ class Runner:
             safety or self.safety_input(),
             targets=self.targets,
             **params,
+        )
+
+    def tuned(self, fraction: float):
+        """``safemerge tune``'s one model in memory for this fine-tune (rho measured once): the
+        SafeMERGE grid, ``select: all``, interpolation, random layers and S = 0 are evaluated
+        on it. The recipe's LoRAs are read as mergekit reads them (PEFT-merged in the LoRA
+        cache, float32), so every point is bit for bit the model ``mergekit-yaml`` writes."""
+        from mergekit.options import MergeOptions
+
+        from mergekit_safemerge.binding.config import parse_config
+        from mergekit_safemerge.tune.run import open_tunable
+
+        if fraction not in self._tuned:
+            options = MergeOptions(
+                lora_merge_cache=self.lora_cache, lora_merge_dtype="float32", quiet=True
+            )
+            config = parse_config(self.safemerge(fraction), where="miniature recipe")
+            self._tuned[fraction] = open_tunable(config, options, lora_as_factors=False)
+        return self._tuned[fraction]
+
+    def in_memory(self, row: Row, names, state) -> Row:
+        """Evaluate ``state()`` (a context manager yielding the model) as :meth:`merge` evaluates
+        a merged folder; ``names``: the matrices it merges."""
+        row.merged_names = sorted(names)
+        row.merged = len(row.merged_names) if row.method != "linear" else None
+        key = identity(row)
+        twin = self.seen.get(key) if key is not None else None
+        tokenizer = self._tuned[row.fraction].tokenizer
+        if twin is not None:
+            row.val, row.test, row.same_as = twin.val, twin.test, twin.label
+        else:
+            start = time.perf_counter()
+            with state() as model:
+                row.val = score_model(model, tokenizer, self.val, self.plan)
+                row.test = score_model(model, tokenizer, self.test, self.plan)
+            self.eval_seconds += time.perf_counter() - start
+            self.evaluated += 1
+            if key is not None:
+                self.seen[key] = row
+        self._log_row(row)
+        return row
+
+    def _log_row(self, row: Row) -> None:
+        self.log(
+            f"  {self.profile.name} {row.label:<34} merged "
+            f"{row.merged if row.merged is not None else '-':>2}  "
+            f"harm {100 * row.test.rate('harmful'):5.1f}%  "
+            f"task {100 * row.test.rate('correct'):5.1f}%"
+            + (f"  (= {row.same_as})" if row.same_as else "")
         )
 
     def merge(self, row: Row, recipe: dict[str, Any]) -> Row:
@@ -304,13 +355,7 @@ class Runner:
             if key is not None:
                 self.seen[key] = row
         shutil.rmtree(out, ignore_errors=True)
-        self.log(
-            f"  {self.profile.name} {row.label:<34} merged "
-            f"{row.merged if row.merged is not None else '-':>2}  "
-            f"harm {100 * row.test.rate('harmful'):5.1f}%  "
-            f"task {100 * row.test.rate('correct'):5.1f}%"
-            + (f"  (= {row.same_as})" if row.same_as else "")
-        )
+        self._log_row(row)
         return row
 
 
@@ -407,30 +452,41 @@ def run_fraction(runner: Runner, fraction: float, aligned: Row) -> dict[str, Any
     """Every method for the fine-tune with harmful fraction ``fraction`` of one world."""
     plan, world = runner.plan, runner.world
     runner.log(f"{runner.profile.name}: fine-tune with harmful fraction {fraction:g}")
-    merge, safemerge = runner.merge, runner.safemerge
-    finetuned = merge(Row("finetuned", "fine-tuned", fraction), safemerge(fraction, select="none"))
+    from mergekit_safemerge.core.decide import rank_matrices, threshold_selects
+    from mergekit_safemerge.tune.run import interpolated
+
+    merge, in_memory = runner.merge, runner.in_memory
+    tuned = runner.tuned(fraction)  # safemerge tune's one model in memory
+    tunable, rhos = tuned.tunable, tuned.rhos
+
+    def merged(names, a, *, safety=True):
+        return lambda: tunable.merge(frozenset(names), a, safety=safety)
+
+    def below(tau):
+        return sorted(n for n, rho in rhos.items() if threshold_selects(rho, tau))
+
+    finetuned = in_memory(Row("finetuned", "fine-tuned", fraction), (), lambda: tunable.weights({}))
     safety_alone = merge(
         Row("safety", "safety model alone", fraction), recipes.passthrough(runner.safety_input())
     )
     grid = [
-        merge(
+        in_memory(
             Row("safemerge", f"SafeMERGE tau={tau:g} a={a:g}", fraction, threshold=tau, weight=a),
-            safemerge(fraction, threshold=tau, safety_weight=a),
+            below(tau),
+            merged(below(tau), a),
         )
         for a in plan.safety_weights
         for tau in plan.thresholds
     ]
     merge_all = [
-        merge(
-            Row("all", f"all a={a:g}", fraction, weight=a),
-            safemerge(fraction, select="all", safety_weight=a),
-        )
+        in_memory(Row("all", f"all a={a:g}", fraction, weight=a), sorted(rhos), merged(rhos, a))
         for a in plan.safety_weights
     ]
     interpolation = [
-        merge(
+        in_memory(
             Row("linear", f"interpolation lambda={lam:g}", fraction, weight=lam),
-            recipes.interpolation(world.aligned, runner.finetuned_input(fraction), lam),
+            (),
+            lambda lam=lam: tunable.weights(interpolated(tunable, lam, everywhere=True)),
         )
         for lam in plan.interpolation
     ]
@@ -463,27 +519,24 @@ def run_fraction(runner: Runner, fraction: float, aligned: Row) -> dict[str, Any
         a = head.weight
         counts = sorted({r.merged for r in grid if r.weight == a and 0 < r.merged < n})
         for k in counts:
-            random_rows[k] = [
-                merge(
-                    Row("random_k", f"random_k k={k} a={a:g} seed={s}", fraction, weight=a, k=k),
-                    safemerge(fraction, select="random_k", k=k, seed=s, safety_weight=a),
-                )
-                for s in plan.random_seeds
-            ]
-            for row, s in zip(random_rows[k], plan.random_seeds, strict=True):
+            random_rows[k] = []
+            for s in plan.random_seeds:
+                names = sorted(rank_matrices(rhos, "random_k", k=k, seed=s))
+                row = Row("random_k", f"random_k k={k} a={a:g} seed={s}", fraction, weight=a, k=k)
                 row.seed = s
-            highest_rows[k] = merge(
+                random_rows[k].append(in_memory(row, names, merged(names, a)))
+            names = sorted(rank_matrices(rhos, "highest_k", k=k))
+            highest_rows[k] = in_memory(
                 Row("highest_k", f"highest_k k={k} a={a:g}", fraction, weight=a, k=k),
-                safemerge(fraction, select="highest_k", k=k, safety_weight=a),
+                names,
+                merged(names, a),
             )
-        # ablation of the safety model: the same selection with S = 0 (safety role = a copy of
-        # the aligned model; mergekit takes one model path once)
-        copy = os.path.join(runner.work, "aligned-copy")
-        if not os.path.isdir(copy):
-            shutil.copytree(world.aligned, copy)
-        no_safety = merge(
+        # ablation of the safety model: the same selection with S = 0
+        names = below(head.threshold)
+        no_safety = in_memory(
             Row("no-safety", f"SafeMERGE tau={head.threshold:g} a={a:g}, S=0", fraction, weight=a),
-            safemerge(fraction, safety=copy, threshold=head.threshold, safety_weight=a),
+            names,
+            merged(names, a, safety=False),
         )
     ablation = []
     if plan.ablation and fraction == 0.0:

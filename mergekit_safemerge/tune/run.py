@@ -35,13 +35,15 @@ from mergekit_safemerge.binding.config import factor_recipe
 from mergekit_safemerge.binding.executor import run_in_memory
 from mergekit_safemerge.binding.passes import CollectPass
 from mergekit_safemerge.binding.pipeline import (
-    PreparedRun,
+    ValidatedConfig,
     prepare_run,
     publish,
     run_adapter,
     run_safemerge,
     signals_as_exceptions,
+    validate_config,
 )
+from mergekit_safemerge.binding.registration import register_method
 from mergekit_safemerge.core.decide import changed_rhos, rank_matrices
 from mergekit_safemerge.core.roles import ALIGNED
 from mergekit_safemerge.core.targets import matches_targets, parse_targets
@@ -165,10 +167,14 @@ def _rate(result: dict[str, Any], part: str, key: str) -> float | None:
 
 
 # ---------------------------------------------------------------- the recipe tune can express
-def tunable_recipe(config: MergeConfiguration) -> MergeConfiguration:
+def tunable_recipe(
+    config: MergeConfiguration, *, lora_as_factors: bool = True
+) -> MergeConfiguration:
     """The recipe with LoRA roles as adapters where they are ``aligned+adapter`` models
-    (read as factors, as ``safemerge adapter`` does), after checking that tune can set its
-    threshold and safety weight: plain values (or none), and ``select: threshold``."""
+    (read as factors, as ``safemerge adapter`` does; ``lora_as_factors=False`` keeps them as
+    models that mergekit merges with PEFT in ``--lora-merge-cache``, bit for bit what
+    ``mergekit-yaml`` reads), after checking that tune can set its threshold and safety weight:
+    plain values (or none), and ``select: threshold``."""
     parameters = config.parameters or {}
     for key in ("threshold", "safety_weight"):
         value = parameters.get(key)
@@ -185,7 +191,7 @@ def tunable_recipe(config: MergeConfiguration) -> MergeConfiguration:
         )
     for entry in config.models or []:
         role = (entry.parameters or {}).get("role")
-        if role in ("finetuned", "safety") and entry.model.lora is not None:
+        if lora_as_factors and role in ("finetuned", "safety") and entry.model.lora is not None:
             return factor_recipe(config)
     return config
 
@@ -197,15 +203,41 @@ def _local_path(model: ModelReference, options: MergeOptions) -> str:
 
 
 # ---------------------------------------------------------------- one model for the whole grid
+@dataclass
+class Tuned:
+    """One model in memory for a grid: the model, its tokenizer, ``rho`` of every changed
+    candidate, and what the checks established."""
+
+    tunable: TunableModel
+    tokenizer: Any
+    rhos: dict[str, float]
+    checked: ValidatedConfig
+
+
+def open_tunable(
+    config: MergeConfiguration,
+    options: MergeOptions,
+    *,
+    eval_dtype: str = "float32",
+    lora_as_factors: bool = True,
+) -> Tuned:
+    """tune's library entry: check ``config``, measure ``rho`` once and load the model, with no
+    output folder (the miniature driver evaluates its own grid on it)."""
+    recipe = tunable_recipe(config, lora_as_factors=lora_as_factors)
+    register_method()
+    checked = validate_config(recipe, options)
+    tunable, tokenizer, collecting = load_tunable(recipe, checked, options, eval_dtype)
+    return Tuned(tunable, tokenizer, changed_rhos(collecting.records), checked)
+
+
 def load_tunable(
-    prepared: PreparedRun, options: MergeOptions, settings: TuneSettings
+    config: MergeConfiguration, checked: ValidatedConfig, options: MergeOptions, eval_dtype: str
 ) -> tuple[TunableModel, Any, CollectPass]:
     """Measure every candidate once and load the model a ``select: none`` merge would write."""
-    config = prepared.config
-    targets = parse_targets(prepared.settings.plain_targets or "")
+    targets = parse_targets(checked.settings.plain_targets or "")
     collecting = CollectPass()
     touched: set[str] = set()
-    for adapter in prepared.checked.adapters.values():
+    for adapter in checked.adapters.values():
         touched |= {f"{m}.weight" for m in collecting.adapters.open(adapter.folder).modules}
     run_in_memory(
         config,
@@ -214,16 +246,16 @@ def load_tunable(
         keep=lambda name: name in touched or matches_targets(name, targets),
         desc="SafeMERGE tune: rho",
     )
-    models = prepared.checked.models
+    models = checked.models
     source = models.get("finetuned", models[ALIGNED])
     device = options.device or "cpu"
     model, _ = load_model(
-        _local_path(source, options), device=device, dtype=settings.eval_dtype, tokenizer=False
+        _local_path(source, options), device=device, dtype=eval_dtype, tokenizer=False
     )
     _round_through(model, dtype_from_name(config.dtype))
     finetuned = dict(collecting.finetuned)
-    if "finetuned" in prepared.checked.adapters:  # updates the plan does not read (lm_head)
-        adapter = collecting.adapters.open(prepared.checked.adapters["finetuned"].folder)
+    if "finetuned" in checked.adapters:  # updates the plan does not read (lm_head)
+        adapter = collecting.adapters.open(checked.adapters["finetuned"].folder)
         parameters = dict(model.named_parameters())
         for module in adapter.modules:
             name = f"{module}.weight"
@@ -270,19 +302,26 @@ class Evaluator:
         return point
 
 
-def interpolated(tunable: TunableModel, lam: float) -> dict[str, torch.Tensor]:
+def interpolated(
+    tunable: TunableModel, lam: float, *, everywhere: bool = False
+) -> dict[str, torch.Tensor]:
     """``W_al + lambda D`` on every candidate the fine-tune changed, by mergekit's own ``linear``
-    method (weights ``1 - lambda`` and ``lambda``, not normalized)."""
+    method (weights ``1 - lambda`` and ``lambda``, not normalized). ``everywhere`` applies it to
+    every floating-point weight as a ``linear`` merge of the two models does, taking the aligned
+    weight of a non-candidate to be the fine-tuned one (true when the fine-tune changed only
+    candidates, e.g. a LoRA on the target modules)."""
+    weight = {"weight": [round(1.0 - lam, 10), lam], "normalize": False}
     replaced = {}
-    for name, inputs in tunable.candidates.items():
-        finetuned = tunable.parameters[name].detach().to(inputs.aligned.tensor.dtype)
-        if torch.equal(finetuned, inputs.aligned.tensor):
+    for name, parameter in tunable.parameters.items():
+        inputs = tunable.candidates.get(name)
+        if inputs is None and not (everywhere and parameter.is_floating_point()):
             continue
-        replaced[name] = merge_tensors(
-            [inputs.aligned.tensor, finetuned.to(inputs.aligned.tensor.device)],
-            "linear",
-            parameters={"weight": [round(1.0 - lam, 10), lam], "normalize": False},
-        )
+        current = parameter.detach()
+        aligned = current if inputs is None else inputs.aligned.tensor.to(current.device)
+        finetuned = current.to(aligned.dtype)
+        if inputs is not None and not everywhere and torch.equal(finetuned, aligned):
+            continue
+        replaced[name] = merge_tensors([aligned, finetuned], "linear", parameters=weight)
     return replaced
 
 
@@ -555,7 +594,9 @@ def run_tune(
     prepared = prepare_run(recipe, out_path, options, TUNE, what="tune folder")
     started = time.monotonic()
     with signals_as_exceptions():
-        tunable, tokenizer, collecting = load_tunable(prepared, options, settings)
+        tunable, tokenizer, collecting = load_tunable(
+            recipe, prepared.checked, options, settings.eval_dtype
+        )
         rhos = changed_rhos(collecting.records)
         score = Evaluator(tokenizer, sets, judge, refusal, settings)
 
