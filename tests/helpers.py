@@ -156,3 +156,12 @@ def copy_role_models(tiny, folder: Path) -> dict[str, str]:
     import shutil
 
     return {role: str(shutil.copytree(path, folder / role)) for role, path in tiny.paths.items()}
+
+
+def interruptible() -> None:
+    """``preexec_fn`` for a child that a test interrupts with SIGINT: a shell's background job
+    starts with SIGINT ignored, and Python then installs no KeyboardInterrupt handler; the
+    child gets the default disposition back, as a process started from a terminal has."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -21,6 +21,7 @@ import pytest
 from helpers import (
     copy_role_models,
     error_line,
+    interruptible,
     load_state,
     run_mergekit_in_process,
     tree_snapshot,
@@ -166,6 +167,7 @@ def _slow_run(config, out, *flags, seconds="0.2"):
     return subprocess.Popen(
         [sys.executable, str(HERE / "slow_merge.py"), config, str(out), "--quiet", *flags],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=interruptible,
     )  # fmt: skip
 
 

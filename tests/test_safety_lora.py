@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pytest
 from conftest import make_lora_adapter
-from helpers import BIN, error_line, run_mergekit_in_process, tree_snapshot, write_config
+from helpers import (
+    BIN,
+    error_line,
+    interruptible,
+    run_mergekit_in_process,
+    tree_snapshot,
+    write_config,
+)
 
 from mergekit_safemerge.cli import main as safemerge_main
 from mergekit_safemerge.errors import SafeMergeError
@@ -451,6 +458,7 @@ def test_a_signal_mid_training_publishes_nothing(sig, status, trained, tmp_path)
         [str(BIN / "safemerge"), "safety-lora", trained["aligned"], str(out), "--data",
          str(trained["data"]), "--quiet", "--max-steps", "100000", "--eval-fraction", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=interruptible,
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while not list(scratch.glob("safemerge-safety-lora-*")):  # the trainer's scratch folder

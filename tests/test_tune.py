@@ -11,7 +11,7 @@ import time
 
 import pytest
 import yaml
-from helpers import BIN, run_mergekit_in_process, tree_snapshot, write_config
+from helpers import BIN, interruptible, run_mergekit_in_process, tree_snapshot, write_config
 
 from mergekit_safemerge.cli import main as safemerge_main
 from mergekit_safemerge.tune.choose import Candidate, Outcome, choose, closest, dominates
@@ -229,7 +229,7 @@ def test_ctrl_c_mid_grid_leaves_the_folder_as_it_was(tiny_roles, tmp_path):
         [str(BIN / "safemerge"), "tune", config, str(out), "--harmful", harmful, "--task", task,
          "--max-new-tokens", "32"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1"}, preexec_fn=interruptible,
     )  # fmt: skip
     deadline = time.monotonic() + 120
     seen = ""
