@@ -18,6 +18,7 @@ Every family's configuration is chosen on the validation prompts by one rule
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -286,28 +287,35 @@ class Runner:
         return self._tuned[fraction]
 
     def in_memory(self, row: Row, names, state) -> Row:
-        """Evaluate ``state()`` (a context manager yielding the model) as :meth:`merge` evaluates
-        a merged folder; ``names``: the matrices it merges."""
+        """Evaluate ``state()`` (a context manager yielding the model) on tune's model;
+        ``names``: the matrices it merges."""
         row.merged_names = sorted(names)
         row.merged = len(row.merged_names) if row.method != "linear" else None
+        tokenizer = self._tuned[row.fraction].tokenizer
+
+        @contextlib.contextmanager
+        def loaded():
+            with state() as model:
+                yield model, tokenizer
+
+        return self._evaluate(row, loaded)
+
+    def _evaluate(self, row: Row, loaded) -> Row:
+        """Score ``loaded()`` (a context manager yielding model and tokenizer) on validation
+        and test prompts, or reuse the scores of an identical earlier row; log it."""
         key = identity(row)
         twin = self.seen.get(key) if key is not None else None
-        tokenizer = self._tuned[row.fraction].tokenizer
         if twin is not None:
             row.val, row.test, row.same_as = twin.val, twin.test, twin.label
         else:
             start = time.perf_counter()
-            with state() as model:
+            with loaded() as (model, tokenizer):
                 row.val = score_model(model, tokenizer, self.val, self.plan)
                 row.test = score_model(model, tokenizer, self.test, self.plan)
             self.eval_seconds += time.perf_counter() - start
             self.evaluated += 1
             if key is not None:
                 self.seen[key] = row
-        self._log_row(row)
-        return row
-
-    def _log_row(self, row: Row) -> None:
         self.log(
             f"  {self.profile.name} {row.label:<34} merged "
             f"{row.merged if row.merged is not None else '-':>2}  "
@@ -315,6 +323,7 @@ class Runner:
             f"task {100 * row.test.rate('correct'):5.1f}%"
             + (f"  (= {row.same_as})" if row.same_as else "")
         )
+        return row
 
     def merge(self, row: Row, recipe: dict[str, Any]) -> Row:
         """Run ``recipe`` through mergekit, read what it merged, evaluate (or reuse the scores
@@ -341,21 +350,8 @@ class Runner:
         elif recipe["merge_method"] == safelora.METHOD_NAME:
             row.merged_names = [r["name"] for r in safelora.RECORDS if r["projected"]]
             row.merged = len(row.merged_names)
-        key = identity(row)
-        twin = self.seen.get(key) if key is not None else None
-        if twin is not None:
-            row.val, row.test, row.same_as = twin.val, twin.test, twin.label
-        else:
-            start = time.perf_counter()
-            model, tokenizer = self._load(out)
-            row.val = score_model(model, tokenizer, self.val, self.plan)
-            row.test = score_model(model, tokenizer, self.test, self.plan)
-            self.eval_seconds += time.perf_counter() - start
-            self.evaluated += 1
-            if key is not None:
-                self.seen[key] = row
+        self._evaluate(row, lambda: contextlib.nullcontext(self._load(out)))
         shutil.rmtree(out, ignore_errors=True)
-        self._log_row(row)
         return row
 
 
@@ -511,7 +507,7 @@ def run_fraction(runner: Runner, fraction: float, aligned: Row) -> dict[str, Any
         "safelora": choose(safelora_rows, finetuned, keep),
     }
     head = chosen["safemerge"]
-    n = len(finetuned_candidates(runner, fraction))
+    n = len(rhos)  # the target matrices the fine-tune changed
     random_rows: dict[int, list[Row]] = {}
     highest_rows: dict[int, Row] = {}
     no_safety = None
@@ -560,16 +556,6 @@ def run_fraction(runner: Runner, fraction: float, aligned: Row) -> dict[str, Any
         "no_safety": no_safety,
         "ablation": ablation,
     }
-
-
-def finetuned_candidates(runner: Runner, fraction: float) -> list[str]:
-    """The target matrices the fine-tune changed (from the adapter's target modules)."""
-    import safetensors.torch
-
-    tensors = safetensors.torch.load_file(
-        os.path.join(runner.world.finetuned[fraction], "adapter_model.safetensors")
-    )
-    return sorted({n.split(".lora_")[0] for n in tensors if ".lora_A" in n})
 
 
 def shallowness(world: World, profile: Profile, plan: Plan) -> dict[str, Any]:
