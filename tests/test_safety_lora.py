@@ -460,14 +460,19 @@ def test_a_signal_mid_training_publishes_nothing(sig, status, trained, tmp_path)
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         preexec_fn=interruptible,
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not list(scratch.glob("safemerge-safety-lora-*")):  # the trainer's scratch folder
-        assert run.poll() is None, run.stderr.read()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    time.sleep(1.5)  # well into the training steps
-    run.send_signal(sig)
-    code = run.wait(timeout=120)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(scratch.glob("safemerge-safety-lora-*")):  # the trainer's scratch
+            assert run.poll() is None, run.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(1.5)  # well into the training steps
+        run.send_signal(sig)
+        code = run.wait(timeout=120)
+    finally:
+        if run.poll() is None:  # never leave a 100000-step training behind
+            run.kill()
+            run.wait()
     stderr = run.stderr.read()
     assert code == status, stderr
     assert "Traceback" not in stderr

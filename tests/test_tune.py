@@ -240,7 +240,12 @@ def test_ctrl_c_mid_grid_leaves_the_folder_as_it_was(tiny_roles, tmp_path):
         seen += line
     assert "grid and controls" in seen, seen
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
+    try:
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
     assert process.returncode != 0
     assert "Traceback" not in err, err
     assert tree_snapshot(tmp_path) == before
