@@ -249,3 +249,29 @@ def test_ctrl_c_mid_grid_leaves_the_folder_as_it_was(tiny_roles, tmp_path):
     assert process.returncode != 0
     assert "Traceback" not in err, err
     assert tree_snapshot(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_write_adapter_publishes_the_chosen_merge_inside_the_tune_folder(
+    tiny_roles, lora_adapters, tmp_path
+):
+    tiny = tiny_roles("llama")
+    harmful, task = _prompts(tmp_path)
+    roles = {"aligned": tiny.paths["aligned"], "unaligned": tiny.paths["unaligned"]}
+    config = write_config(tmp_path / "c.yml", roles, targets=TARGETS,
+                          finetuned_adapter=lora_adapters["finetuned"],
+                          safety_adapter=lora_adapters["safety"])  # fmt: skip
+    out = tmp_path / "tune"
+    argv = ["tune", config, str(out), "--harmful", harmful, "--task", task, "--quiet",
+            "--max-new-tokens", "4", "--controls", "finetuned", "--safety-weights", "0.5",
+            "--keep-accuracy", "0", "--write", "adapter"]  # fmt: skip
+    assert safemerge_main(argv) == 0
+    document = json.loads((out / "tune.json").read_text())
+    assert "chosen/adapter_config.json" in document["files"]
+    report = json.loads((out / "chosen" / "safemerge_report.json").read_text())
+    chosen = yaml.safe_load((out / "chosen.yml").read_text())
+    assert report["settings"]["threshold"] == chosen["parameters"]["threshold"]
+    picked = next(p for p in document["points"] if p["chosen"])
+    merged = sorted(m["name"] for m in report["matrices"] if m["decision"] == "merged")
+    assert merged == picked["merged_matrices"]
+    assert safemerge_main(argv) == 0  # a rerun replaces its own output, chosen/ included

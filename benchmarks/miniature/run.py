@@ -326,8 +326,9 @@ class Runner:
         return row
 
     def merge(self, row: Row, recipe: dict[str, Any]) -> Row:
-        """Run ``recipe`` through mergekit, read what it merged, evaluate (or reuse the scores
-        of an identical earlier merge), drop the weights."""
+        """Run ``recipe`` (the aligned model, the safety model alone, SafeLoRA) through
+        mergekit, read what it projected, evaluate (or reuse the scores of an identical earlier
+        merge), drop the weights."""
         from benchmarks.miniature import safelora
 
         name = row.label.replace(" ", "_").replace("=", "").replace("/", "-").replace(",", "")
@@ -341,13 +342,7 @@ class Runner:
         start = time.perf_counter()
         run_mergekit_yaml(config, out, self.lora_cache)
         self.merge_seconds += time.perf_counter() - start
-        report_path = os.path.join(out, "safemerge_report.json")
-        if os.path.isfile(report_path):
-            with open(report_path, encoding="utf-8") as fp:
-                report = json.load(fp)
-            row.merged_names = [m["name"] for m in report["matrices"] if m["decision"] == "merged"]
-            row.merged = len(row.merged_names)
-        elif recipe["merge_method"] == safelora.METHOD_NAME:
+        if recipe["merge_method"] == safelora.METHOD_NAME:
             row.merged_names = [r["name"] for r in safelora.RECORDS if r["projected"]]
             row.merged = len(row.merged_names)
         self._evaluate(row, lambda: contextlib.nullcontext(self._load(out)))

@@ -297,6 +297,7 @@ class Evaluator:
             batch_size=self.settings.batch_size,
             chat=self.settings.chat,
             keep_items=False,
+            progress=not self.settings.quiet,
         )
         point.seconds = time.perf_counter() - started
         return point
