@@ -211,8 +211,8 @@ def apply_rule(
     ``output="update"`` a merged matrix's output is its update ``mix(D, S)`` as LoRA factors
     (both updates must be factors), not the matrix.
     """
-    base = aligned.to(WORK_DTYPE)
-    alignment = base - unaligned
+    aligned_work = aligned.to(WORK_DTYPE)
+    alignment = aligned_work - unaligned
     found = measure(name, alignment, delta, safety_delta, detect_low_rank=detect_low_rank)
     del alignment
     decision = decide(
@@ -229,4 +229,6 @@ def apply_rule(
         return RuleResult(None, record)
     if output == "update":
         return RuleResult(combine_factors(settings.combine, delta, safety_delta, settings), record)
-    return RuleResult(combine(settings.combine, base, delta, safety_delta, settings), record)
+    return RuleResult(
+        combine(settings.combine, aligned_work, delta, safety_delta, settings), record
+    )
