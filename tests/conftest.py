@@ -73,3 +73,11 @@ def lora_adapters(tiny_roles, tmp_path_factory):
         "finetuned": make_lora_adapter(roles.paths["aligned"], str(folder / "task"), seed=1),
         "safety": make_lora_adapter(roles.paths["aligned"], str(folder / "safety"), seed=2),
     }
+
+
+@pytest.fixture
+def roles(tiny_roles, tmp_path):
+    """Copies of the tiny 2-block Llama role models that a test may corrupt."""
+    from helpers import copy_role_models
+
+    return copy_role_models(tiny_roles("llama"), tmp_path / "models")

@@ -19,7 +19,6 @@ import torch
 import yaml
 from helpers import (
     BIN,
-    copy_role_models,
     error_line,
     load_state,
     run_mergekit_in_process,
@@ -31,12 +30,6 @@ from safetensors.torch import load_file, save_file
 from mergekit_safemerge.cli import main as safemerge_main
 
 TARGETS = "q_proj,v_proj"
-
-
-@pytest.fixture
-def roles(tiny_roles, tmp_path):
-    """Copies of the tiny 2-block Llama role models that a test may corrupt."""
-    return copy_role_models(tiny_roles("llama"), tmp_path / "models")
 
 
 def _merge_fails(tmp_path, config, pattern, *flags, out=None):

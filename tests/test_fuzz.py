@@ -120,14 +120,6 @@ def test_every_run_succeeds_completely_or_fails_cleanly(parameters, corruption, 
         shutil.rmtree(work, ignore_errors=True)
 
 
-@pytest.mark.slow
-def test_the_property_test_saw_both_outcomes():
-    """Guard against a generator that only ever produces failures (or only successes)."""
-    if not OUTCOMES:
-        pytest.skip("the property test did not run in this session")
-    assert OUTCOMES.count(0) >= 5 and OUTCOMES.count(1) >= 5, OUTCOMES
-
-
 # ---------------------------------------------------------------- recipes, not only values
 RECIPES = st.fixed_dictionaries(
     {
@@ -271,7 +263,9 @@ def test_exit_0_means_every_setting_took_effect(recipe, tiny_roles):
 
 
 @pytest.mark.slow
-def test_the_recipe_property_test_saw_both_outcomes():
-    if not RECIPE_OUTCOMES:
-        pytest.skip("the recipe property test did not run in this session")
-    assert RECIPE_OUTCOMES.count(0) >= 5 and RECIPE_OUTCOMES.count(1) >= 5, RECIPE_OUTCOMES
+@pytest.mark.parametrize("outcomes", [OUTCOMES, RECIPE_OUTCOMES], ids=["values", "recipes"])
+def test_the_property_tests_saw_both_outcomes(outcomes):
+    """Guard against a generator that only ever produces failures (or only successes)."""
+    if not outcomes:
+        pytest.skip("the property test did not run in this session")
+    assert outcomes.count(0) >= 5 and outcomes.count(1) >= 5, outcomes

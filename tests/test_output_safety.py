@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 from helpers import (
-    copy_role_models,
     error_line,
     interruptible,
     load_state,
@@ -35,11 +34,6 @@ from mergekit_safemerge.outputs.folder import MODEL, DestinationLock, OutputFold
 HERE = Path(__file__).parent
 TARGETS = "q_proj,v_proj"
 REPORT = "safemerge_report.json"
-
-
-@pytest.fixture
-def roles(tiny_roles, tmp_path):
-    return copy_role_models(tiny_roles("llama"), tmp_path / "models")
 
 
 @pytest.fixture

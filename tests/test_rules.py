@@ -17,7 +17,6 @@ import torch
 import yaml
 from conftest import make_lora_adapter
 from helpers import (
-    copy_role_models,
     error_line,
     load_state,
     run_mergekit_in_process,
@@ -29,11 +28,6 @@ from safetensors.torch import load_file, save_file
 from mergekit_safemerge.cli import main as safemerge_main
 
 TARGETS = "q_proj,v_proj"
-
-
-@pytest.fixture
-def roles(tiny_roles, tmp_path):
-    return copy_role_models(tiny_roles("llama"), tmp_path / "models")
 
 
 def _fails(tmp_path, config, pattern, out=None):
