@@ -87,12 +87,18 @@ class Terminated(SystemExit):
 
 @contextlib.contextmanager
 def signals_as_exceptions() -> Iterator[None]:
-    """Turn SIGTERM/SIGHUP into :class:`Terminated` in the main thread while the block runs."""
+    """Turn SIGTERM/SIGHUP into :class:`Terminated` in the main thread while the block runs.
+
+    The exception is raised wherever Python happens to be; a library that turns it into an
+    error of its own (seen: torch, mid-write) does not change the outcome: once a signal has
+    arrived, the block ends as :class:`Terminated` with the signal's exit status."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    received: list[int] = []
 
     def handler(signum, _frame):
+        received.append(signum)
         raise Terminated(128 + signum)
 
     previous = {}
@@ -100,6 +106,12 @@ def signals_as_exceptions() -> Iterator[None]:
         previous[sig] = signal.signal(sig, handler)
     try:
         yield
+    except Terminated:
+        raise
+    except BaseException:
+        if received:
+            raise Terminated(128 + received[0]) from None
+        raise
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
