@@ -70,3 +70,22 @@ def test_synthetic_adapters_reproduce_the_finetuned_model(tmp_path):
         expected = finetuned[name]
         got = weight if factors is None else weight + factors.dense()
         assert torch.allclose(got, expected, atol=1e-6), name
+
+
+@pytest.mark.slow
+def test_startup_cost_smoke(tmp_path):
+    results = tmp_path / "startup.md"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "startup_cost.py"), "--runs", "2",
+         "--command-runs", "1", "--results", str(results)],
+        check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    text = results.read_text()
+    assert "## The registration hook" in text and "## Commands that merge nothing" in text
+    for row in (
+        "`safemerge --version`",
+        "`safemerge report MERGE_OUT/`",
+        "`python -c 'import torch'`",
+    ):
+        assert f"| {row}" in text
+    assert "target: each command that merges nothing <= 1 s: " in text
