@@ -44,7 +44,6 @@ class MergeOption:
     count: bool = False
 
     def click_option(self) -> Callable[[Callable], Callable]:
-        extra = {"count": True} if self.count else {}
         return click.option(
             self.name,
             *self.flags,
@@ -52,7 +51,7 @@ class MergeOption:
             default=self.default,
             help=self.help,
             show_default=self.show_default,
-            **extra,
+            count=self.count,
         )
 
 
@@ -128,8 +127,8 @@ def to_merge_options(values: Mapping[str, Any]) -> MergeOptions:
 
 def mergekit_options(*names: str) -> Callable[[Callable], Callable]:
     """Add the named :data:`MERGE_OPTIONS` to a click command (in mergekit's order); the function
-    receives ``merge_options`` (mergekit's ``MergeOptions``) in their place, the others keep
-    mergekit's defaults. Apply it below every other option decorator of the command."""
+    receives ``merge_options`` (mergekit's ``MergeOptions``) in their place, where the fields not
+    named keep mergekit's defaults."""
     unknown = set(names) - MERGE_OPTIONS.keys()
     if unknown:
         raise ValueError(f"not declared in MERGE_OPTIONS: {', '.join(sorted(unknown))}")
