@@ -1,13 +1,15 @@
 """The ``safemerge`` command: thin click commands around the package, with mergekit's habits.
 
 Merging itself is the stock ``mergekit-yaml`` command; ``safemerge`` adds what mergekit has no
-command for. Options that mean what they mean in mergekit are mergekit's own (same names, help
-and defaults: ``--cuda``, ``--device``, ``--lora-merge-cache``, ``--quiet``, ``-v``, ...).
+command for. Options that mean what they mean in mergekit are mergekit's own (same names, help,
+defaults and headings: ``--cuda``, ``--device``, ``--lora-merge-cache``, ``--quiet``, ``-v``, ...),
+declared in :mod:`mergekit_safemerge.mergekit_options`.
 Every error a user can cause is one ``Error: ...`` line; ``-v`` shows library warnings and
 tracebacks.
 
-Each command imports what it runs when it runs (deferred on purpose: ``safemerge --help`` and
-``report`` need neither torch nor mergekit's merge; ``eval`` needs the ``eval`` extra).
+Importing this module imports no torch, transformers, PEFT or mergekit: each command imports what
+it runs when it runs, so ``--help``, ``--version`` and ``report`` start in a fraction of a second
+(``tests/test_startup.py`` checks it; ``eval`` needs the ``eval`` extra).
 """
 
 from __future__ import annotations
@@ -19,29 +21,13 @@ import warnings
 from collections.abc import Callable, Iterator
 
 import click
-from mergekit.options import PrettyPrintHelp, add_merge_options
-from transformers.utils import logging as hf_logging
 
 from mergekit_safemerge import __version__
 from mergekit_safemerge.errors import SafeMergeError
+from mergekit_safemerge.mergekit_options import GroupedHelp, mergekit_options
 from mergekit_safemerge.outputs.folder import describe_os_error
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-def _mergekit_options(*names: str) -> Callable:
-    """mergekit's own ``add_merge_options``, keeping only the options named here; the command
-    receives ``merge_options`` (a ``MergeOptions``) as mergekit's commands do."""
-
-    def decorate(function: Callable) -> Callable:
-        wrapped = add_merge_options(function)
-        keep = set(names)
-        wrapped.__click_params__ = [
-            p for p in getattr(wrapped, "__click_params__", []) if p.name in keep
-        ]
-        return wrapped
-
-    return decorate
 
 
 @contextlib.contextmanager
@@ -51,6 +37,8 @@ def _library_noise(verbosity: int) -> Iterator[None]:
     if verbosity:
         yield
         return
+    from transformers.utils import logging as hf_logging
+
     level = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
     with warnings.catch_warnings():
@@ -112,7 +100,7 @@ def cli() -> None:
 
 
 # ---------------------------------------------------------------- scan
-@cli.command("scan", cls=PrettyPrintHelp, context_settings=CONTEXT)
+@cli.command("scan", cls=GroupedHelp, context_settings=CONTEXT)
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @click.option(
     "--out",
@@ -120,7 +108,7 @@ def cli() -> None:
     show_default=True,
     help="Folder for scan.json, scan.csv and scan.png",
 )
-@_mergekit_options(
+@mergekit_options(
     "lora_merge_cache", "lora_merge_dtype", "transformers_cache", "trust_remote_code", "cuda",
     "device", "low_cpu_memory", "read_to_gpu", "lazy_unpickle", "num_threads", "quiet",
     "verbosity",
@@ -168,7 +156,7 @@ def scan_command(merge_options, config_file: str, out: str) -> None:
 
 
 # ---------------------------------------------------------------- adapter
-@cli.command("adapter", cls=PrettyPrintHelp, context_settings=CONTEXT)
+@cli.command("adapter", cls=GroupedHelp, context_settings=CONTEXT)
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @click.argument("out_path", type=click.Path())
 @click.option(
@@ -178,7 +166,7 @@ def scan_command(merge_options, config_file: str, out: str) -> None:
     help="Per-module ranks through rank_pattern, or one rank for every module (what every "
     "loader and server reads)",
 )
-@_mergekit_options(
+@mergekit_options(
     "allow_crimes", "transformers_cache", "trust_remote_code", "cuda", "device",
     "low_cpu_memory", "read_to_gpu", "lazy_unpickle", "num_threads", "random_seed",
     "write_model_card", "quiet", "verbosity",
@@ -344,7 +332,7 @@ def _numbers(text: str | None, option: str) -> tuple[float, ...] | None:
         raise SafeMergeError(f"{option} {text!r}: give comma-separated numbers") from None
 
 
-@cli.command("tune", cls=PrettyPrintHelp, context_settings=CONTEXT)
+@cli.command("tune", cls=GroupedHelp, context_settings=CONTEXT)
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @click.argument("out_path", type=click.Path())
 @_PROMPT_OPTIONS
@@ -402,7 +390,7 @@ def _numbers(text: str | None, option: str) -> tuple[float, ...] | None:
     help="Also write the chosen merge into OUT/chosen/ (safemerge adapter or a full model)",
 )
 @_JUDGE_AND_GENERATION_OPTIONS
-@_mergekit_options(
+@mergekit_options(
     "lora_merge_cache", "lora_merge_dtype", "transformers_cache", "trust_remote_code", "cuda",
     "device", "low_cpu_memory", "read_to_gpu", "lazy_unpickle", "num_threads", "random_seed",
     "quiet", "verbosity",
@@ -582,7 +570,7 @@ def report_command(path: str) -> None:
 
 
 # ---------------------------------------------------------------- demo-models
-@cli.command("demo-models", cls=PrettyPrintHelp, context_settings=CONTEXT)
+@cli.command("demo-models", cls=GroupedHelp, context_settings=CONTEXT)
 @click.argument("out_dir", type=click.Path())
 @click.option(
     "--arch",
@@ -633,7 +621,7 @@ def demo_models_command(out_dir: str, arch: str, layers: int, random_seed: int) 
 
 
 # ---------------------------------------------------------------- eval
-@cli.command("eval", cls=PrettyPrintHelp, context_settings=CONTEXT)
+@cli.command("eval", cls=GroupedHelp, context_settings=CONTEXT)
 @click.argument("model")
 @_PROMPT_OPTIONS
 @_JUDGE_AND_GENERATION_OPTIONS
@@ -642,7 +630,7 @@ def demo_models_command(out_dir: str, arch: str, layers: int, random_seed: int) 
     type=click.Path(dir_okay=False),
     help="Result JSON  [default: MODEL/safemerge_eval.json, or ./ for a Hub id]",
 )
-@_mergekit_options("cuda", "device", "trust_remote_code", "quiet", "verbosity")
+@mergekit_options("cuda", "device", "trust_remote_code", "quiet", "verbosity")
 def eval_command(merge_options, model: str, **options) -> None:
     """Score a model: harmfulness, task accuracy and over-refusal, with 95% intervals.
 

@@ -232,3 +232,22 @@ def test_bench_merge_adapter_roles_end_to_end(tmp_path):
     assert row.split("|")[4].strip() != "-"  # its own work time, from its report
     kept = sorted(p.name for p in (tmp_path / "work").iterdir())
     assert kept == ["models"]  # outputs deleted, models kept
+
+
+@pytest.mark.slow
+def test_startup_cost_smoke(tmp_path):
+    results = tmp_path / "startup.md"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "startup_cost.py"), "--runs", "2",
+         "--command-runs", "1", "--results", str(results)],
+        check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    text = results.read_text()
+    assert "## The registration hook" in text and "## Commands that merge nothing" in text
+    for row in (
+        "`safemerge --version`",
+        "`safemerge report MERGE_OUT/`",
+        "`python -c 'import torch'`",
+    ):
+        assert f"| {row}" in text
+    assert "target: each command that merges nothing <= 1 s: " in text

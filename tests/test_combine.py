@@ -102,6 +102,7 @@ def test_linear_with_factors_equals_dense_and_leaves_inputs_alone():
 def test_rule_table_names_every_combine_value():
     from typing import get_args
 
-    from mergekit_safemerge.core.combine import COMBINE_RULES, CombineName
+    from mergekit_safemerge.core.combine import COMBINE_RULES
+    from mergekit_safemerge.core.settings import CombineName
 
     assert set(COMBINE_RULES) == set(get_args(CombineName))

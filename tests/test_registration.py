@@ -234,12 +234,12 @@ def test_pure_core_imports_no_mergekit():
 
 def test_binding_imports_no_edge():
     """The binding (method, passes, checks, pipeline, wrappers) never imports the edges: the
-    CLI, evaluation, plotting, the scan's outputs, the demo models."""
+    CLI (and its option declarations), evaluation, plotting, the scan's outputs, the demo models."""
     out = _imported_after(
         _package_modules("binding"),
         "sorted(m for m in sys.modules if m.startswith(('mergekit_safemerge.cli', "
-        "'mergekit_safemerge.eval', 'mergekit_safemerge.outputs.scan', 'mergekit_safemerge.demo', "
-        "'matplotlib')))",
+        "'mergekit_safemerge.mergekit_options', 'mergekit_safemerge.eval', "
+        "'mergekit_safemerge.outputs.scan', 'mergekit_safemerge.demo', 'matplotlib')))",
     )
     assert out == "[]"
 

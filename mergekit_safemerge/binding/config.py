@@ -24,12 +24,13 @@ from pydantic import BaseModel, ValidationError
 
 from mergekit_safemerge import METHOD_NAME
 from mergekit_safemerge.binding.method import PARAMETER_SPECS
-from mergekit_safemerge.core.combine import COMBINE_NAMES, FACTOR_RULES, NEEDS_FACTORS
+from mergekit_safemerge.core.combine import FACTOR_RULES, NEEDS_FACTORS
 from mergekit_safemerge.core.decide import COUNT_MODES
 from mergekit_safemerge.core.roles import ADAPTER_PARAMETERS, RoleClaim
 from mergekit_safemerge.core.roles import MISSING as NO_ROLE
 from mergekit_safemerge.core.settings import (
     BY_NAME,
+    COMBINE_NAMES,
     SHARED,
     Parameter,
     Settings,

@@ -3,7 +3,8 @@
 Every rule returns ``W = W_aligned + mix(D, S)`` in float32; the caller casts to the model dtype.
 Unselected matrices never reach this module, so they are never sparsified. ``D`` and ``S`` are
 dense tensors or :class:`~mergekit_safemerge.core.updates.LoraFactors`; :data:`COMBINE_RULES` maps
-each rule name users write in ``combine:`` to its function. The sparsification and
+each rule name users write in ``combine:`` (:data:`~mergekit_safemerge.core.settings.COMBINE_NAMES`,
+pure Python so that reading a report imports no torch) to its function. The sparsification and
 sign-consensus steps are mergekit's own (:mod:`mergekit.sparsify`, ``get_mask``), imported when
 a rule that needs them runs, so importing this module imports no mergekit.
 """
@@ -13,14 +14,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 
 from mergekit_safemerge.core.updates import WORK_DTYPE, LoraFactors, Update, dense
-
-CombineName = Literal["linear", "dare_linear", "ties", "authors_linear"]
-COMBINE_NAMES: tuple[str, ...] = get_args(CombineName)
 
 
 @dataclass(frozen=True)

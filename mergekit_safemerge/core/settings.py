@@ -17,11 +17,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
-from mergekit_safemerge.core.combine import COMBINE_NAMES
 from mergekit_safemerge.core.decide import COUNT_MODES, SELECT_MODES
 from mergekit_safemerge.core.roles import ROLES
+
+CombineName = Literal["linear", "dare_linear", "ties", "authors_linear"]
+COMBINE_NAMES: tuple[str, ...] = get_args(CombineName)
+"""The merge rules ``combine:`` names (their functions: :data:`.combine.COMBINE_RULES`)."""
 
 
 @dataclass(frozen=True)
