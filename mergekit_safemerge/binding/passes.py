@@ -60,7 +60,7 @@ class Pass:
         try:
             result = apply_rule(
                 inputs.name,
-                inputs.aligned_work,
+                inputs.aligned.tensor,
                 inputs.unaligned,
                 inputs.delta(),
                 inputs.safety_delta(),
@@ -68,6 +68,7 @@ class Pass:
                 ranking=self.ranking,
                 detect_low_rank=inputs.may_be_low_rank(),
                 output=self.output,
+                dtype=inputs.aligned.tensor.dtype,
             )
         except NonFiniteInput:
             raise inputs.non_finite_error() from None
@@ -203,7 +204,6 @@ class CollectPass(Pass):
 
     def candidate(self, inputs, output, record) -> torch.Tensor:
         inputs.entries.pop("unaligned", None)
-        inputs.forget_work()
         with self._lock:
             self.inputs[inputs.name] = inputs
             self.finetuned[inputs.name] = inputs.finetuned_weight()

@@ -24,7 +24,7 @@ from mergekit_safemerge.core.roles import (
 )
 from mergekit_safemerge.core.rule import RuleSettings, all_finite
 from mergekit_safemerge.core.targets import is_candidate, parse_targets
-from mergekit_safemerge.core.updates import WORK_DTYPE, LoraFactors, Update
+from mergekit_safemerge.core.updates import LoraFactors, Update, difference, weight_plus
 from mergekit_safemerge.errors import SafeMergeError
 from mergekit_safemerge.lora.read import AdapterReader, check_update_shape
 
@@ -60,7 +60,6 @@ class TensorInputs:
     reader: AdapterReader
     delta_factors: LoraFactors | None = None
     safety_factors: LoraFactors | None = None
-    _aligned_work: torch.Tensor | None = None
 
     @property
     def aligned(self) -> TensorEntry:
@@ -69,17 +68,6 @@ class TensorInputs:
     @property
     def unaligned(self) -> torch.Tensor:
         return self.entries["unaligned"].tensor
-
-    @property
-    def aligned_work(self) -> torch.Tensor:
-        """``W_al`` in the working dtype (float32), formed once per tensor."""
-        if self._aligned_work is None:
-            self._aligned_work = self.aligned.tensor.to(WORK_DTYPE)
-        return self._aligned_work
-
-    def forget_work(self) -> None:
-        """Drop the float32 copy of ``W_al`` (it is formed again when needed)."""
-        self._aligned_work = None
 
     @property
     def finetuned_source(self) -> str:
@@ -94,10 +82,8 @@ class TensorInputs:
         aligned = self.aligned.tensor
         if self.delta_factors is None:
             return aligned
-        # out of place: mergekit may hand the same aligned tensor to other tasks (or runs)
-        factors = self.delta_factors
-        weight = torch.addmm(aligned.to(WORK_DTYPE), factors.left, factors.right)
-        return weight.to(aligned.dtype)
+        # a new tensor: mergekit may hand the same aligned tensor to other tasks (or runs)
+        return weight_plus(aligned, [(self.delta_factors, 1.0)], dtype=aligned.dtype)
 
     def _update(self, role: str, factors: LoraFactors | None) -> Update:
         """``W_role - W_al`` (float32), or the adapter's factors; rank 0 when the adapter skips
@@ -106,7 +92,7 @@ class TensorInputs:
         if role in self.entries:
             weight = self.entries[role].tensor
             if not rounding_only(weight, self.aligned.tensor):
-                return weight - self.aligned_work
+                return difference(weight, self.aligned.tensor)[0]
         elif factors is not None:
             return factors
         return LoraFactors.empty(self.aligned.tensor)

@@ -17,35 +17,31 @@ from dataclasses import dataclass
 
 import torch
 
-from mergekit_safemerge.core.updates import WORK_DTYPE, LoraFactors, Update, dense
+from mergekit_safemerge.core.updates import WORK_DTYPE, LoraFactors, Update, dense, weight_plus
 
 
 @dataclass(frozen=True)
 class CombineSettings:
-    """The values a rule may use: ``a`` (safety weight), DARE/TIES density, a per-tensor seed."""
+    """The values a rule may use: ``a`` (safety weight), DARE/TIES density, a per-tensor seed,
+    and the dtype of the merged weight (computed in float32 and rounded once to it)."""
 
     safety_weight: float
     density: float = 1.0
     seed: int = 0
-
-
-def _add(target: torch.Tensor, update: Update, weight: float) -> torch.Tensor:
-    """``target += weight * update`` in place (a factored update as one ``addmm``)."""
-    if weight == 0.0:
-        return target
-    if isinstance(update, LoraFactors):
-        return target.addmm_(update.left.to(WORK_DTYPE), update.right.to(WORK_DTYPE), alpha=weight)
-    return target.add_(update.to(WORK_DTYPE), alpha=weight)
+    dtype: torch.dtype = WORK_DTYPE
 
 
 def linear_combine(
-    aligned: torch.Tensor, delta: Update, safety_delta: Update, safety_weight: float
+    aligned: torch.Tensor,
+    delta: Update,
+    safety_delta: Update,
+    safety_weight: float,
+    dtype: torch.dtype = WORK_DTYPE,
 ) -> torch.Tensor:
-    """The paper's rule: ``W = W_aligned + (1 - a) D + a S`` (all ``out x in``)."""
+    """The paper's rule: ``W = W_aligned + (1 - a) D + a S`` (all ``out x in``; in ``dtype``,
+    one pass over ``W``, :func:`~mergekit_safemerge.core.updates.weight_plus`)."""
     a = float(safety_weight)
-    merged = aligned.to(WORK_DTYPE, copy=True)
-    _add(merged, delta, 1.0 - a)
-    return _add(merged, safety_delta, a)
+    return weight_plus(aligned, [(delta, 1.0 - a), (safety_delta, a)], dtype)
 
 
 def tensor_seed(base_seed: int, tensor_name: str) -> int:
@@ -64,6 +60,7 @@ def dare_linear_combine(
     safety_weight: float,
     density: float,
     seed: int,
+    dtype: torch.dtype = WORK_DTYPE,
 ) -> torch.Tensor:
     """DARE then linear: ``W = W_aligned + (1 - a) dare(D) + a dare(S)``.
 
@@ -86,7 +83,7 @@ def dare_linear_combine(
         torch.manual_seed(seed)
         d = dare(d)
         s = dare(s)
-    return linear_combine(aligned, d, s, a)
+    return linear_combine(aligned, d, s, a, dtype)
 
 
 def ties_combine(
@@ -95,6 +92,7 @@ def ties_combine(
     safety_delta: Update,
     safety_weight: float,
     density: float,
+    dtype: torch.dtype = WORK_DTYPE,
 ) -> torch.Tensor:
     """TIES on the two updates, as mergekit's ``ties`` does it for two models.
 
@@ -119,7 +117,8 @@ def ties_combine(
     mask = get_mask(weighted, method="sum", mask_dtype=WORK_DTYPE)
     divisor = (weights * mask).sum(dim=0)
     divisor[divisor == 0] = 1.0
-    return aligned.to(WORK_DTYPE) + (weighted * mask).sum(dim=0) / divisor
+    merged = aligned.to(WORK_DTYPE) + (weighted * mask).sum(dim=0) / divisor
+    return merged.to(dtype)
 
 
 def authors_linear_factors(
@@ -151,13 +150,17 @@ def authors_linear_factors(
 
 
 def authors_linear_combine(
-    aligned: torch.Tensor, delta: Update, safety_delta: Update, safety_weight: float
+    aligned: torch.Tensor,
+    delta: Update,
+    safety_delta: Update,
+    safety_weight: float,
+    dtype: torch.dtype = WORK_DTYPE,
 ) -> torch.Tensor:
-    """``W = W_aligned + B A`` with ``B A`` from :func:`authors_linear_factors`."""
+    """``W = W_aligned + B A`` with ``B A`` from :func:`authors_linear_factors` (in ``dtype``)."""
     if not (isinstance(delta, LoraFactors) and isinstance(safety_delta, LoraFactors)):
         raise ValueError("authors_linear needs both updates as LoRA factors")
-    merged = aligned.to(WORK_DTYPE, copy=True)
-    return _add(merged, authors_linear_factors(delta, safety_delta, safety_weight), 1.0)
+    update = authors_linear_factors(delta, safety_delta, safety_weight)
+    return weight_plus(aligned, [(update, 1.0)], dtype)
 
 
 def linear_factors(
@@ -180,14 +183,14 @@ def linear_factors(
 CombineRule = Callable[[torch.Tensor, Update, Update, CombineSettings], torch.Tensor]
 
 COMBINE_RULES: dict[str, CombineRule] = {
-    "linear": lambda w, d, s, c: linear_combine(w, d, s, c.safety_weight),
+    "linear": lambda w, d, s, c: linear_combine(w, d, s, c.safety_weight, c.dtype),
     "dare_linear": lambda w, d, s, c: dare_linear_combine(
-        w, d, s, c.safety_weight, c.density, c.seed
+        w, d, s, c.safety_weight, c.density, c.seed, c.dtype
     ),
-    "ties": lambda w, d, s, c: ties_combine(w, d, s, c.safety_weight, c.density),
-    "authors_linear": lambda w, d, s, c: authors_linear_combine(w, d, s, c.safety_weight),
+    "ties": lambda w, d, s, c: ties_combine(w, d, s, c.safety_weight, c.density, c.dtype),
+    "authors_linear": lambda w, d, s, c: authors_linear_combine(w, d, s, c.safety_weight, c.dtype),
 }
-"""``combine:`` name -> ``rule(W_aligned, D, S, settings) -> W`` (float32)."""
+"""``combine:`` name -> ``rule(W_aligned, D, S, settings) -> W`` (in ``settings.dtype``)."""
 
 NEEDS_FACTORS = frozenset({"authors_linear"})
 """Rules defined only when both ``D`` and ``S`` are given as LoRA factors."""

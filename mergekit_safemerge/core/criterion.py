@@ -30,15 +30,94 @@ randomized range finder and an explicit residual check, so the result stays exac
 floating-point tolerance; anything else takes the dense route. The detection is only tried
 where it can succeed (:func:`may_be_exactly_low_rank`): an update recovered from 16-bit weights
 carries rounding noise far above the residual tolerance, so it always takes the dense route.
+
+``V`` is an :class:`Alignment`: formed from the two weights in float32 row blocks as a pass reads
+it. The factored route makes two such passes and never stores ``V``; the dense and low-rank
+routes form it whole once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from mergekit_safemerge.core.updates import WORK_DTYPE, LoraFactors, Update
+from mergekit_safemerge.core.updates import (
+    WORK_DTYPE,
+    LoraFactors,
+    Update,
+    block_scratch,
+    block_sum_of_squares,
+    dense_inner_product,
+    difference,
+    row_blocks,
+    subtract_block,
+)
+
+
+class Alignment:
+    """``V = aligned - unaligned`` (``out x in``), formed in float32 as it is read.
+
+    :meth:`row_blocks` forms one row block of ``V`` at a time into a reused cache-sized buffer
+    (:func:`~mergekit_safemerge.core.updates.subtract_block`): a pass reads the two weights in
+    their own dtype and no ``out x in`` float32 tensor is made (a fresh one costs its page faults,
+    more than the pass itself). :meth:`dense` forms ``V`` whole. ``||V||_F^2`` is summed on the
+    first pass and kept (:meth:`squared_norm`). ``Alignment(v)`` wraps a ``V`` already formed
+    (converted to float32 once).
+    """
+
+    def __init__(self, aligned: torch.Tensor, unaligned: torch.Tensor | None = None):
+        if aligned.ndim != 2 or (unaligned is not None and unaligned.shape != aligned.shape):
+            shapes = [tuple(x.shape) for x in (aligned, unaligned) if x is not None]
+            raise ValueError(f"an alignment matrix needs matrices of one shape; got {shapes}")
+        self.aligned, self.unaligned = aligned, unaligned
+        self._squared_norm: torch.Tensor | None = None
+        self._dense = aligned.to(WORK_DTYPE) if unaligned is None else None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.aligned.shape
+
+    def row_blocks(self) -> Iterator[tuple[slice, torch.Tensor]]:
+        """``(rows, V[rows])`` (float32) over the row blocks; a block is valid until the next one
+        is asked for (one buffer serves them all, unless ``V`` is formed: then views)."""
+        scratch = block_scratch(self.shape, self.aligned.device)
+        buffer = None if self._dense is not None else torch.empty_like(scratch)
+        total = None
+        if self._squared_norm is None:
+            total = torch.zeros((), dtype=torch.float64, device=self.aligned.device)
+        for rows in row_blocks(self.shape):
+            if self._dense is not None:
+                block = self._dense[rows]
+            else:
+                count = rows.stop - rows.start
+                minuend, subtrahend = self.aligned[rows], self.unaligned[rows]
+                block = subtract_block(buffer[:count], minuend, subtrahend, scratch)
+            if total is not None:
+                total += block_sum_of_squares(block, scratch)
+            yield rows, block
+        if total is not None:
+            self._squared_norm = total
+
+    def dense(self) -> torch.Tensor:
+        """``V`` whole (float32), formed once."""
+        if self._dense is None:
+            self._dense, total = difference(self.aligned, self.unaligned, with_squared_norm=True)
+            self._squared_norm = total if self._squared_norm is None else self._squared_norm
+        return self._dense
+
+    def squared_norm(self) -> torch.Tensor:
+        """``||V||_F^2`` (a float64 scalar tensor; a pass of its own unless one has run)."""
+        if self._squared_norm is None:
+            for _ in self.row_blocks():
+                pass
+        return self._squared_norm
+
+
+def as_alignment(alignment: torch.Tensor | Alignment) -> Alignment:
+    """``alignment`` as an :class:`Alignment` (a tensor is ``V`` itself)."""
+    return alignment if isinstance(alignment, Alignment) else Alignment(alignment)
 
 
 def gram_product(matrix: torch.Tensor, other: torch.Tensor, blocks: int = 4) -> torch.Tensor:
@@ -105,7 +184,7 @@ def _cosine_from_squares(
 
 def dense_alignment_cosine(
     delta: torch.Tensor,
-    alignment: torch.Tensor,
+    alignment: torch.Tensor | Alignment,
     *,
     delta_sq: torch.Tensor | None = None,
     alignment_sq: torch.Tensor | None = None,
@@ -117,25 +196,33 @@ def dense_alignment_cosine(
     ``||V V^T D||_F <= eps32 (sqrt(out) + sqrt(in)) ||V||_F^2 ||D||_F``, the size of float32
     rounding (below it the direction of ``C D`` is noise). The result is clamped to ``[0, 1]``,
     the range of the exact value (``<C D, D>_F = ||V^T D||_F^2 / ||V||_F >= 0``).
-    ``delta_sq`` / ``alignment_sq`` (``||D||_F^2``, ``||V||_F^2``) save a pass when known.
+    ``delta_sq`` / ``alignment_sq`` (``||D||_F^2``, ``||V||_F^2``) save a pass when known. The
+    inner products are summed by blocks (:func:`.updates.dense_inner_product`): a float32
+    ``vdot`` over a whole matrix drifts by about ``1e-4``.
     """
     d = delta.to(WORK_DTYPE)
-    projected = alignment_projection(d, alignment)
-    if delta_sq is None:
-        delta_sq = torch.vdot(d.reshape(-1), d.reshape(-1))
+    v = as_alignment(alignment)
+    matrix = v.dense()
     if alignment_sq is None:
-        v = alignment.to(WORK_DTYPE).reshape(-1)
-        alignment_sq = torch.vdot(v, v)
-    flat = projected.reshape(-1)
+        alignment_sq = v.squared_norm()
+    if not torch.isfinite(alignment_sq):  # a NaN or Inf in V: no products (the caller raises)
+        return 0.0
+    projected = alignment_projection(d, matrix)
+    if delta_sq is None:
+        delta_sq = dense_inner_product(d, d)
     return _cosine_from_squares(
-        torch.vdot(flat, d.reshape(-1)), torch.vdot(flat, flat), delta_sq, alignment_sq, d.shape
+        dense_inner_product(projected, d),
+        dense_inner_product(projected, projected),
+        delta_sq,
+        alignment_sq,
+        d.shape,
     )
 
 
 def factored_alignment_cosine(
     left: torch.Tensor,
     right: torch.Tensor,
-    alignment: torch.Tensor,
+    alignment: torch.Tensor | Alignment,
     *,
     alignment_sq: torch.Tensor | None = None,
 ) -> float:
@@ -143,9 +230,13 @@ def factored_alignment_cosine(
 
     Same value and conventions as :func:`dense_alignment_cosine`, through ``r x r`` Grams:
     ``<P, D> = <M^T M, G>``, ``||P||^2 = <(V M)^T (V M), G>``, ``||D||^2 = <L^T L, G>`` with
-    ``M = V^T L`` and ``G = R R^T``. ``alignment_sq`` (``||V||_F^2``) saves a pass when known.
+    ``M = V^T L`` and ``G = R R^T``. Two passes over the row blocks ``V_i`` of ``V`` (``M``
+    needs all of ``V`` before ``V M`` can start): ``M^T = sum_i L_i^T V_i`` (``||V||_F^2`` on the
+    way), then ``(V M)_i = V_i M``. Both products are written with ``V`` on the right of a few
+    rows or on the left of a few columns, BLAS's fast orders (``V^T L`` with the transposed ``V``
+    on the left is several times slower). ``alignment_sq`` (``||V||_F^2``) is used when given.
     """
-    v = alignment.to(WORK_DTYPE)
+    v = as_alignment(alignment)
     lhs = left.to(WORK_DTYPE)
     rhs = right.to(WORK_DTYPE)
     if lhs.shape[0] != v.shape[0] or rhs.shape[1] != v.shape[1] or lhs.shape[1] != rhs.shape[0]:
@@ -153,13 +244,16 @@ def factored_alignment_cosine(
             f"factors {tuple(lhs.shape)} x {tuple(rhs.shape)} do not make a {tuple(v.shape)} matrix"
         )
     gram_right = rhs @ rhs.T
-    m = v.T @ lhs
-    vm = v @ m
+    m_t = torch.zeros(lhs.shape[1], v.shape[1], dtype=WORK_DTYPE, device=lhs.device)  # M^T
+    for rows, block in v.row_blocks():
+        m_t.addmm_(lhs[rows].T, block)
+    vm = torch.empty(v.shape[0], lhs.shape[1], dtype=WORK_DTYPE, device=lhs.device)  # V M
+    for rows, block in v.row_blocks():
+        torch.mm(block, m_t.T, out=vm[rows])
     if alignment_sq is None:
-        flat = v.reshape(-1)
-        alignment_sq = torch.vdot(flat, flat)
+        alignment_sq = v.squared_norm()
     return _cosine_from_squares(
-        torch.sum((m.T @ m) * gram_right),
+        torch.sum((m_t @ m_t.T) * gram_right),
         torch.sum((vm.T @ vm) * gram_right),
         torch.sum((lhs.T @ lhs) * gram_right),
         alignment_sq,
@@ -262,7 +356,7 @@ def may_be_exactly_low_rank(finetuned: torch.Tensor, samples: int = 1024) -> boo
 
 def alignment_criterion(
     delta: Update,
-    alignment: torch.Tensor,
+    alignment: torch.Tensor | Alignment,
     *,
     detect_low_rank: bool = True,
     delta_sq: torch.Tensor | None = None,

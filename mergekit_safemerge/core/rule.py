@@ -23,7 +23,12 @@ from typing import Literal
 import torch
 
 from mergekit_safemerge.core.combine import COMBINE_RULES, FACTOR_RULES, CombineSettings
-from mergekit_safemerge.core.criterion import Criterion, alignment_criterion
+from mergekit_safemerge.core.criterion import (
+    Alignment,
+    Criterion,
+    alignment_criterion,
+    as_alignment,
+)
 from mergekit_safemerge.core.decide import Decision, decide
 from mergekit_safemerge.core.records import KEPT, MERGED, MatrixRecord
 from mergekit_safemerge.core.settings import Settings
@@ -100,7 +105,7 @@ class RuleResult:
 
 def measure(
     name: str,
-    alignment: torch.Tensor,
+    alignment: torch.Tensor | Alignment,
     delta: Update,
     safety_delta: Update,
     *,
@@ -108,40 +113,44 @@ def measure(
 ) -> Measurement:
     """Norms, ``cos(D, S)`` and ``rho`` for one matrix (``V``, ``D``, ``S``: ``out x in``).
 
+    ``alignment`` is ``V`` or an :class:`~mergekit_safemerge.core.criterion.Alignment` that forms
+    it from the two weights; ``||V||_F^2`` comes with the criterion's first pass over ``V``.
     Raises :class:`NonFiniteInput` when a norm is NaN or Inf: every input enters one of ``D``,
     ``S``, ``V``, so a NaN or Inf anywhere shows there.
     """
+    alignment = as_alignment(alignment)
     delta_sq, safety_sq = squared_norm(delta), squared_norm(safety_delta)
-    flat_alignment = alignment.reshape(-1)
-    alignment_sq = torch.vdot(flat_alignment, flat_alignment)
-    delta_norm, safety_norm, alignment_norm = (
-        float(x.clamp_min(0).sqrt()) for x in (delta_sq, safety_sq, alignment_sq)
-    )
-    if not math.isfinite(delta_norm + safety_norm + alignment_norm):
+    delta_norm, safety_norm = (float(x.clamp_min(0).sqrt()) for x in (delta_sq, safety_sq))
+    if not math.isfinite(delta_norm + safety_norm):
+        raise NonFiniteInput(name)
+    criterion = None
+    if delta_norm != 0.0:
+        criterion = alignment_criterion(
+            delta, alignment, detect_low_rank=detect_low_rank, delta_sq=delta_sq
+        )
+    alignment_norm = float(alignment.squared_norm().clamp_min(0).sqrt())
+    if not math.isfinite(alignment_norm):
         raise NonFiniteInput(name)
     cosine = update_cosine(delta, safety_delta, delta_norm, safety_norm)
-    if delta_norm == 0.0:
-        return Measurement(delta_norm, safety_norm, alignment_norm, cosine, None)
-    criterion = alignment_criterion(
-        delta,
-        alignment,
-        detect_low_rank=detect_low_rank,
-        delta_sq=delta_sq,
-        alignment_sq=alignment_sq,
-    )
     return Measurement(delta_norm, safety_norm, alignment_norm, cosine, criterion)
 
 
 def combine(
-    rule: str, aligned: torch.Tensor, delta: Update, safety_delta: Update, settings: RuleSettings
+    rule: str,
+    aligned: torch.Tensor,
+    delta: Update,
+    safety_delta: Update,
+    settings: RuleSettings,
+    dtype: torch.dtype = WORK_DTYPE,
 ) -> torch.Tensor:
-    """``W = W_aligned + mix(D, S)`` (float32) with the rule named ``rule``."""
+    """``W = W_aligned + mix(D, S)`` with the rule named ``rule`` (``aligned`` in any dtype; ``W``
+    computed in float32 and rounded once to ``dtype``)."""
     function = COMBINE_RULES.get(rule)
     if function is None:
         raise SafeMergeError(
             f"parameters.combine {rule!r} is not one of {', '.join(COMBINE_RULES)}"
         )
-    return function(aligned, delta, safety_delta, _combine_settings(settings))
+    return function(aligned, delta, safety_delta, _combine_settings(settings, dtype))
 
 
 def combine_factors(
@@ -159,8 +168,8 @@ def combine_factors(
     return function(delta, safety_delta, _combine_settings(settings))
 
 
-def _combine_settings(settings: RuleSettings) -> CombineSettings:
-    return CombineSettings(settings.safety_weight, settings.density, settings.seed)
+def _combine_settings(settings: RuleSettings, dtype: torch.dtype = WORK_DTYPE) -> CombineSettings:
+    return CombineSettings(settings.safety_weight, settings.density, settings.seed, dtype)
 
 
 def record_of(
@@ -201,6 +210,7 @@ def apply_rule(
     ranking: Mapping[str, str] | None = None,
     detect_low_rank: bool = True,
     output: Output = "weight",
+    dtype: torch.dtype = WORK_DTYPE,
 ) -> RuleResult:
     """SafeMERGE for one candidate matrix.
 
@@ -209,10 +219,10 @@ def apply_rule(
     selection of a ranking mode (:func:`~mergekit_safemerge.core.decide.rank_matrices`).
     The output is None when the matrix keeps its fine-tuned weight or ``output="none"``; with
     ``output="update"`` a merged matrix's output is its update ``mix(D, S)`` as LoRA factors
-    (both updates must be factors), not the matrix.
+    (both updates must be factors), not the matrix. A merged weight is computed in float32 and
+    returned in ``dtype`` (rounded once).
     """
-    aligned_work = aligned.to(WORK_DTYPE)
-    alignment = aligned_work - unaligned
+    alignment = Alignment(aligned, unaligned)  # V, formed in float32 as the criterion reads it
     found = measure(name, alignment, delta, safety_delta, detect_low_rank=detect_low_rank)
     del alignment
     decision = decide(
@@ -229,6 +239,5 @@ def apply_rule(
         return RuleResult(None, record)
     if output == "update":
         return RuleResult(combine_factors(settings.combine, delta, safety_delta, settings), record)
-    return RuleResult(
-        combine(settings.combine, aligned_work, delta, safety_delta, settings), record
-    )
+    merged = combine(settings.combine, aligned, delta, safety_delta, settings, dtype)
+    return RuleResult(merged, record)

@@ -31,9 +31,8 @@ def merged_weight(inputs: TensorInputs, safety_weight: float, *, safety: bool = 
     delta = inputs.delta()
     safety_delta: Update = inputs.safety_delta() if safety else _zero_like(delta)
     settings = dataclasses.replace(inputs.settings, safety_weight=safety_weight)
-    weight = combine(settings.combine, inputs.aligned_work, delta, safety_delta, settings)
-    inputs.forget_work()
-    return weight.to(inputs.aligned.tensor.dtype)
+    aligned = inputs.aligned.tensor
+    return combine(settings.combine, aligned, delta, safety_delta, settings, aligned.dtype)
 
 
 def _zero_like(update: Update) -> Update:
