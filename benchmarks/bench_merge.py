@@ -29,12 +29,17 @@ for every layer (``--repeat-blocks``, its default there: timing does not depend 
 runs ``io_floor`` (both full models read once, one written once), ``read_needed`` (exactly the
 bytes ``safemerge adapter`` needs: the q_proj/v_proj weights of both models through their
 safetensors headers, and the two adapters; benchmarks/read_tensors.py), ``linear`` (mergekit
-``linear`` over the same two full models), ``adapters``, ``adapter_out`` and ``startup``.
+``linear`` over the same two full models), ``adapters``, ``adapter_out``,
+``adapter_out_no_read_ahead`` (the same with ``MERGEKIT_SAFEMERGE_READ_AHEAD=0``: no read-ahead of
+its tensors during the imports, mergekit_safemerge/prefetch.py) and ``startup``.
 
-Before every run the page cache is dropped (``--cache cold``, the default: what a first merge of
-a downloaded model sees): ``sync; echo 3 > /proc/sys/vm/drop_caches`` where that file is writable
-(root), else ``posix_fadvise(POSIX_FADV_DONTNEED)`` on every input file; the results say which
-(``--cache warm`` drops nothing). Before building, the disk space the size and scenario need
+Before every run the input models' pages are dropped from the page cache (``--cache
+cold-inputs``, the default: what a first merge of a downloaded model sees, with the libraries
+cached as on any machine where they have run before): ``posix_fadvise(POSIX_FADV_DONTNEED)`` on
+every input file. ``--cache cold`` drops every cached page (``sync; echo 3 >
+/proc/sys/vm/drop_caches`` where that file is writable, root; else as cold-inputs), so start-up
+reads the libraries from disk too; ``--cache warm`` drops nothing. The results say which, per
+run. Before building, the disk space the size and scenario need
 (models, adapters, the largest output, a margin) is checked against what is free in ``--work``.
 ``--keep-models`` keeps the built models (with a build stamp: size, scenario, repeat-blocks,
 seed) and reuses them in the next run with the same stamp; outputs are deleted after each run.
@@ -46,7 +51,8 @@ the checks to the published output, without the interpreter's start-up and impor
 Usage::
 
     .venv/bin/python benchmarks/bench_merge.py [--size 1b] [--scenario qv|all|full|adapter-roles]
-                                               [--repeats 3] [--device cpu|cuda] [--cache cold|warm]
+                                               [--repeats 3] [--device cpu|cuda]
+                                               [--cache cold-inputs|cold|warm]
                                                [--keep-models] [--[no-]repeat-blocks]
 
 Prints a table of medians, each run's wall time as a multiple of the two floors and of
@@ -89,7 +95,11 @@ RUNS = (
     "lora_cache", "adapter_out", "startup",
 )  # fmt: skip
 LORA_RUNS = ("adapters", "lora_cache", "adapter_out")  # not in the full fine-tune scenario
-ADAPTER_ROLE_RUNS = ("io_floor", "read_needed", "linear", "adapters", "adapter_out", "startup")
+ADAPTER_ROLE_RUNS = (
+    "io_floor", "read_needed", "linear", "adapters", "adapter_out", "adapter_out_no_read_ahead",
+    "startup",
+)  # fmt: skip
+NO_READ_AHEAD = {"MERGEKIT_SAFEMERGE_READ_AHEAD": "0"}  # the environment of *_no_read_ahead runs
 
 
 @dataclass(frozen=True)
@@ -114,7 +124,9 @@ SCENARIOS = {
                               roles=("unaligned", "aligned"), floors=("io_floor", "read_needed"),
                               repeat_blocks=True),
 }  # fmt: skip
-CONFIG_OF = {"adapter_out": "adapters", "unchecked": "safemerge"}  # runs sharing a recipe
+CONFIG_OF = {  # runs sharing a recipe
+    "adapter_out": "adapters", "adapter_out_no_read_ahead": "adapters", "unchecked": "safemerge",
+}  # fmt: skip
 STARTUP_IMPORTS = (
     "import torch, mergekit.merge, mergekit.plan, peft, mergekit_safemerge.binding.method"
 )
@@ -155,6 +167,9 @@ RATIO_CHECKS = (
           ref_key="wall_s", scenarios=("adapter-roles",)),
     Check("adapter_out wall / adapters wall (adapter output against the full model, same recipe)",
           "adapter_out", "adapters", "wall_s", 0.2, scenarios=("adapter-roles",)),
+    Check("adapter_out wall / adapter_out_no_read_ahead wall (what reading ahead during the "
+          "imports saves)", "adapter_out", "adapter_out_no_read_ahead", "wall_s", None,
+          scenarios=("adapter-roles",)),
     Check("adapter_out work / adapter_out wall (the share of its wall time after start-up)",
           "adapter_out", "adapter_out", "work_s", None, ref_key="wall_s",
           scenarios=("adapter-roles",)),
@@ -248,7 +263,7 @@ def command(
                 paths["unaligned"], *matches, *wholes]  # fmt: skip
     if run == "startup":
         return [sys.executable, "-c", STARTUP_IMPORTS]
-    if run == "adapter_out":
+    if run in ("adapter_out", "adapter_out_no_read_ahead"):
         return [str(BIN / "safemerge"), "adapter", str(config), str(out), "--quiet",
                 "--device", device]  # fmt: skip
     flags = ["--no-copy-tokenizer", "--quiet", "--device", device]
@@ -282,7 +297,8 @@ def disk_need(shape: Shape, scenario: Scenario, runs: list[str], *, reuse: bool 
     adapter = 4 * shape.adapter_parameters(scenario.targets, RANK) if scenario.adapters else 0
     models = 0 if reuse else len(scenario.roles) * model + 2 * adapter
     output = {"lora_cache": model + 2 * 2 * model, "adapter_out": 2 * adapter,
-              "read_needed": 0, "startup": 0}  # fmt: skip
+              "adapter_out_no_read_ahead": 2 * adapter, "read_needed": 0,
+              "startup": 0}  # fmt: skip
     largest = max((output.get(run, model) for run in runs), default=0)
     margin = 256 * 1024**2 + (models + largest) // 100  # configs, indexes, file system slack
     return Need(models, largest, margin)
@@ -308,16 +324,18 @@ DROP_CACHES = "/proc/sys/vm/drop_caches"
 def drop_page_cache(files: list[Path], mode: str, drop_caches: str = DROP_CACHES) -> str:
     """Flush dirty pages, then (``mode`` cold) drop the page cache; returns how, for the results:
     ``cold (drop_caches)`` (every cached page: also Python's and torch's files), ``cold (fadvise)``
-    (POSIX_FADV_DONTNEED on every input file, no root needed), or ``not dropped (warm)``."""
+    (POSIX_FADV_DONTNEED on every input file, no root needed; ``mode`` cold-inputs asks for it:
+    the libraries stay cached), or ``not dropped (warm)``."""
     os.sync()
     if mode == "warm":
         return "warm (not dropped)"
-    try:
-        with open(drop_caches, "w") as fp:
-            fp.write("3\n")
-        return "cold (drop_caches)"
-    except OSError:
-        pass
+    if mode == "cold":
+        try:
+            with open(drop_caches, "w") as fp:
+                fp.write("3\n")
+            return "cold (drop_caches)"
+        except OSError:
+            pass
     if hasattr(os, "posix_fadvise"):
         try:
             for path in files:
@@ -411,9 +429,10 @@ def main() -> None:
     parser.add_argument("--results", help="results file (default: by size and scenario)")
     parser.add_argument(
         "--cache",
-        default="cold",
-        choices=("cold", "warm"),
-        help="drop the page cache before every run (cold) or not (warm)",
+        default="cold-inputs",
+        choices=("cold", "cold-inputs", "warm"),
+        help="drop the page cache before every run (cold), only the input models' pages "
+        "(cold-inputs: libraries stay cached) or nothing (warm)",
     )
     parser.add_argument(
         "--keep-models",
@@ -470,7 +489,8 @@ def main() -> None:
                 config = configs.get(CONFIG_OF.get(run, run), Path())
                 argv = command(run, config, out, cache, args.device, paths, scenario.targets)
                 cache_state = drop_page_cache(inputs, args.cache)
-                result = run_measured(argv, env=env)
+                extra = NO_READ_AHEAD if run.endswith("_no_read_ahead") else {}
+                result = run_measured(argv, env={**env, **extra})
                 result["cache"] = cache_state
                 if result["returncode"] != 0:
                     raise SystemExit(f"{run} failed:\n{result['stderr'][-3000:]}")
@@ -480,7 +500,7 @@ def main() -> None:
                 if report_file.is_file():
                     result["work_s"] = json.loads(report_file.read_text())["wall_time_s"]
                 results[run].append(result)
-                print(f"repeat {repeat + 1} {run:<11} wall {result['wall_s']:7.1f} s  max RSS "
+                print(f"repeat {repeat + 1} {run:<25} wall {result['wall_s']:7.1f} s  max RSS "
                       f"{result['max_rss_bytes'] / GIB:5.2f} GiB  {cache_state}",
                       flush=True)  # fmt: skip
                 shutil.rmtree(out, ignore_errors=True)
@@ -583,7 +603,8 @@ def report(args, shape: Shape, scenario: Scenario, runs: list[str], results) -> 
     lines.append("Cache: before every run the benchmark syncs, then cold (drop_caches) is "
                  "`echo 3 > /proc/sys/vm/drop_caches` (every cached page, also the Python and "
                  "torch files each run imports, so start-up is cold too), cold (fadvise) is "
-                 "POSIX_FADV_DONTNEED on every input file (libraries stay cached), warm drops "
+                 "POSIX_FADV_DONTNEED on every input file (`--cache cold-inputs`, or cold where "
+                 "drop_caches is not writable: libraries stay cached), warm drops "
                  "nothing.")  # fmt: skip
     return "\n".join(lines) + "\n"
 

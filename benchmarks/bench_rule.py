@@ -129,8 +129,9 @@ def route_args(inputs: Inputs, route: str) -> tuple[object, object, bool]:
 def rule_case(
     inputs: Inputs, route: str, settings: RuleSettings, cast: bool = False
 ) -> Callable[[], object]:
-    """``apply_rule`` on the inputs of ``route``; ``cast``: the aligned weight converted to
-    float32 first, inside the timing (what the mergekit binding hands it today)."""
+    """``apply_rule`` on the inputs of ``route`` as the binding calls it (the merged weight in
+    the weights' dtype); ``cast``: the aligned weight converted to float32 first, inside the
+    timing (what the mergekit binding handed it before)."""
     delta, safety, detect = route_args(inputs, route)
 
     def run() -> object:
@@ -143,6 +144,7 @@ def rule_case(
             safety,
             settings,
             detect_low_rank=detect,
+            dtype=inputs.aligned.dtype,
         )
 
     return run
@@ -166,6 +168,7 @@ def gemms_case(inputs: Inputs) -> Callable[[], object]:
 def cases_of(inputs: Inputs, dense: bool) -> dict[str, Callable[[], object]]:
     cases = {
         "floor": lambda: torch.add(inputs.aligned, inputs.unaligned, out=inputs.floor_out),
+        "floor, fresh output": lambda: torch.add(inputs.aligned, inputs.unaligned),
         "products": products_case(inputs),
     }
     for route in ("factored", "low-rank"):
@@ -352,15 +355,24 @@ def main(argv: list[str] | None = None) -> int:
             medians = time_cases(cases, args.repeats, args.dense_repeats, gate)
             label = f"{shape[0]}x{shape[1]} {dtype_name}"
             floor, gemms = medians["floor"], medians.get("gemms")
+            fresh, products = medians["floor, fresh output"], medians["products"]
             for name, seconds in medians.items():
                 of_gemms = f"{seconds / gemms:.2f}" if gemms and name.startswith("dense") else "-"
-                rows.append((label, name, seconds * 1e3, seconds / floor, of_gemms))
+                of_fresh = f"{seconds / fresh:.2f}" if "merged" in name else "-"
+                of_products = f"{seconds / products:.2f}" if name.startswith("factored") else "-"
+                rows.append(
+                    (label, name, seconds * 1e3, seconds / floor, of_fresh, of_products, of_gemms)
+                )
             for kept in ("kept", "merged"):
                 ratio = medians[f"factored {kept}"] / floor
                 targets.append((f"{label}: factored {kept} / floor", ratio, FACTORED_LIMIT))
                 if dense:
                     ratio = medians[f"dense {kept}"] / gemms
                     targets.append((f"{label}: dense {kept} / gemms", ratio, DENSE_LIMIT))
+            ratio = medians["factored merged"] / fresh
+            targets.append(
+                (f"{label}: factored merged / floor, fresh output", ratio, FACTORED_LIMIT)
+            )
             errors.append((label, precision(inputs, dense)))
             del inputs
 
@@ -376,16 +388,21 @@ def main(argv: list[str] | None = None) -> int:
         f"factors; medians of {args.repeats} alternating repeats ({args.dense_repeats} for the "
         "dense route and `gemms`), after a warm-up of each other case; every ratio from this run.",
         "",
-        "| matrix | case | median ms | / floor | / gemms |",
-        "|---|---|---:|---:|---:|",
-        *(f"| {m} | {c} | {ms:.1f} | {f:.2f} | {g} |" for m, c, ms, f, g in rows),
+        "| matrix | case | median ms | / floor | / floor, fresh output | / products | / gemms |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        *(
+            f"| {m} | {c} | {ms:.1f} | {f:.2f} | {fo} | {pr} | {g} |"
+            for m, c, ms, f, fo, pr, g in rows
+        ),
         "",
         "`floor`: `torch.add(aligned, unaligned, out=...)` in the weights' dtype (one read of the "
-        "inputs, one write of a matrix). `products`: `L^T V` and `V M` (rank 8) alone on a float32 "
+        "inputs, one write of a matrix). `floor, fresh output`: the same `torch.add` returning a "
+        "new tensor (the page faults of a new output, which every merged matrix pays). "
+        "`products`: `L^T V` and `V M` (rank 8) alone on a float32 "
         "`V` formed beforehand. `gemms`: `criterion.alignment_projection` alone on float32 `V`, "
-        "`D`. `kept`: measure and decide; `merged`: also the float32 merged matrix (a fresh "
-        "`out x in` float32 tensor). `aligned cast first`: the aligned weight converted to "
-        "float32 before the call, inside the timing (the mergekit binding does so today). "
+        "`D`. `kept`: measure and decide; `merged`: also the merged matrix (a new tensor in the "
+        "weights' dtype, as the binding asks). `aligned cast first`: the aligned weight converted "
+        "to float32 before the call, inside the timing (what the mergekit binding did before). "
         "The dense route is timed in the dtypes "
         f"{', '.join(sorted(dense_dtypes)) or 'none'}.",
         "",

@@ -15,6 +15,7 @@ it runs when it runs, so ``--help``, ``--version`` and ``report`` start in a fra
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import warnings
@@ -99,6 +100,20 @@ def cli() -> None:
     """
 
 
+def _reading_ahead(function: Callable) -> Callable:
+    """Start the read-ahead of the command's tensors (:mod:`.prefetch`) before the options
+    import mergekit: the disk reads while Python imports."""
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        from mergekit_safemerge.prefetch import read_ahead_adapter_inputs
+
+        read_ahead_adapter_inputs(kwargs["config_file"])
+        return function(*args, **kwargs)
+
+    return run
+
+
 # ---------------------------------------------------------------- scan
 @cli.command("scan", cls=GroupedHelp, context_settings=CONTEXT)
 @click.argument("config_file", type=click.Path(dir_okay=False))
@@ -166,6 +181,7 @@ def scan_command(merge_options, config_file: str, out: str) -> None:
     help="Per-module ranks through rank_pattern, or one rank for every module (what every "
     "loader and server reads)",
 )
+@_reading_ahead
 @mergekit_options(
     "allow_crimes", "transformers_cache", "trust_remote_code", "cuda", "device",
     "low_cpu_memory", "read_to_gpu", "lazy_unpickle", "num_threads", "random_seed",

@@ -207,6 +207,9 @@ def test_page_cache_drop_says_how(tmp_path):
     unwritable = str(tmp_path / "no-such-folder" / "drop_caches")
     assert drop_page_cache(inputs, "cold", drop_caches=unwritable) == "cold (fadvise)"
     assert drop_page_cache(inputs, "warm", drop_caches=str(control)) == "warm (not dropped)"
+    control.unlink()
+    assert drop_page_cache(inputs, "cold-inputs", drop_caches=str(control)) == "cold (fadvise)"
+    assert not control.exists()  # only the inputs' pages, never every cached page
 
 
 @pytest.mark.slow
@@ -251,3 +254,21 @@ def test_startup_cost_smoke(tmp_path):
     ):
         assert f"| {row}" in text
     assert "target: each command that merges nothing <= 1 s: " in text
+
+
+def test_bench_rule_smoke(tmp_path):
+    results = tmp_path / "rule.md"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_rule.py"), "--shapes", "tiny",
+         "--repeats", "1", "--dense-repeats", "1", "--quiet-wait", "0", "--results", str(results)],
+        check=True, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    text = results.read_text()
+    assert text in done.stdout
+    for case in ("floor", "floor, fresh output", "gemms", "products", "factored kept",
+                 "factored merged", "dense merged", "low-rank kept"):  # fmt: skip
+        assert f"| {case} |" in text
+    for target in ("factored kept / floor = ", "factored merged / floor, fresh output = ",
+                   "dense kept / gemms = "):  # fmt: skip
+        assert target in text
+    assert "rho, factored" in text and "Machine:" in text and "bench_rule.py --shapes tiny" in text
