@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import dense_projection, oracle_rho
@@ -215,3 +217,33 @@ def test_gram_product_by_blocks_is_the_full_product(shape):
     expected = (x.double() @ x.double().T) @ y.double()
     got = gram_product(x, y).double()
     assert float((got - expected).norm() / expected.norm()) < 1e-6
+
+
+def test_alignment_forms_v_by_blocks_as_the_criterion_reads_it():
+    """V formed from two bfloat16 weights in row blocks gives the rho and ||V|| of V itself, on
+    the factored and the dense route, and its blocks concatenate to V exactly."""
+    from mergekit_safemerge.core.criterion import Alignment, dense_alignment_cosine
+
+    generator = torch.Generator().manual_seed(11)
+    shape = (1536, 1024)  # two row blocks of 2^20 entries
+    unaligned = (0.02 * torch.randn(*shape, generator=generator)).bfloat16()
+    aligned = (unaligned.float() + 0.002 * torch.randn(*shape, generator=generator)).bfloat16()
+    v = aligned.float() - unaligned.float()
+    left, right = (
+        torch.randn(shape[0], 4, generator=generator),
+        torch.randn(4, shape[1], generator=generator),
+    )
+    alignment = Alignment(aligned, unaligned)
+    blocks = [block.clone() for _, block in alignment.row_blocks()]
+    assert len(blocks) == 2 and torch.equal(torch.cat(blocks), v)
+    assert math.isclose(
+        float(alignment.squared_norm()), float((v.double() ** 2).sum()), rel_tol=1e-6
+    )
+    factored = factored_alignment_cosine(left, right, Alignment(aligned, unaligned))
+    assert math.isclose(factored, factored_alignment_cosine(left, right, v), rel_tol=1e-5)
+    assert math.isclose(factored, oracle_rho((left @ right).double(), v.double()), rel_tol=1e-5)
+    d = torch.randn(*shape, generator=generator)
+    dense = dense_alignment_cosine(d, Alignment(aligned, unaligned))
+    assert math.isclose(dense, oracle_rho(d.double(), v.double()), rel_tol=1e-5)
+    with pytest.raises(ValueError, match="one shape"):
+        Alignment(aligned, unaligned[:10])
