@@ -25,6 +25,13 @@ def _recipe(tmp_path, paths: dict[str, str], **parameters) -> str:
     return str(path)
 
 
+def _adapter_recipe(tmp_path, paths: dict[str, str], adapters: dict[str, str]) -> str:
+    """The recipe with both LoRA roles as adapter parameters."""
+    return _recipe(
+        tmp_path, paths, finetuned_adapter=adapters["finetuned"], safety_adapter=adapters["safety"]
+    )
+
+
 def _tensor_bytes(model_dir: str, name: str) -> bytes:
     for file in sorted(os.listdir(model_dir)):
         if file.endswith(".safetensors"):
@@ -36,12 +43,7 @@ def _tensor_bytes(model_dir: str, name: str) -> bytes:
 
 def test_ranges_are_exactly_the_adapted_weights_of_both_models(tiny_roles, lora_adapters, tmp_path):
     roles = tiny_roles("llama")
-    config = _recipe(
-        tmp_path,
-        roles.paths,
-        finetuned_adapter=lora_adapters["finetuned"],
-        safety_adapter=lora_adapters["safety"],
-    )
+    config = _adapter_recipe(tmp_path, roles.paths, lora_adapters)
     ranges = prefetch.adapter_input_ranges(config)
     names = [f"model.layers.{i}.self_attn.{m}.weight" for i in (0, 1) for m in ("q_proj", "v_proj")]
     assert len(ranges) == 2 * len(names)
@@ -95,12 +97,7 @@ def test_it_starts_a_daemon_thread_and_can_be_turned_off(
     tiny_roles, lora_adapters, tmp_path, monkeypatch
 ):
     roles = tiny_roles("llama")
-    config = _recipe(
-        tmp_path,
-        roles.paths,
-        finetuned_adapter=lora_adapters["finetuned"],
-        safety_adapter=lora_adapters["safety"],
-    )
+    config = _adapter_recipe(tmp_path, roles.paths, lora_adapters)
     thread = prefetch.read_ahead_adapter_inputs(config)
     assert thread is not None and thread.daemon
     thread.join(timeout=30)

@@ -13,10 +13,6 @@ from pathlib import Path
 import pytest
 
 from mergekit_safemerge.cli import cli
-from mergekit_safemerge.core.records import MERGED, MatrixRecord
-from mergekit_safemerge.core.settings import Settings
-from mergekit_safemerge.outputs.folder import TUNE, write_json_atomic
-from mergekit_safemerge.outputs.report import REPORT_FILENAME, Report
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "peft", "mergekit")
@@ -47,21 +43,13 @@ def _run(*args: str, prelude: str = "") -> tuple[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """A merge output (its report) and a tune folder (its manifest), as ``report`` reads them."""
+    """A merge output (its report) and a tune folder (its manifest), as ``report`` reads them:
+    the folders the start-up benchmark times ``report`` on."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from startup_cost import write_finished_folders
+
     root = tmp_path_factory.mktemp("finished")
-    record = MatrixRecord(
-        name="model.layers.0.self_attn.q_proj.weight", shape=(8, 8), rho=0.1, threshold=0.35,
-        decision=MERGED, reason="rho < threshold", delta_norm=1.0, safety_norm=1.0,
-        alignment_norm=1.0, delta_safety_cosine=0.1, criterion="dense", safety_weight=0.2,
-        combine="linear", density=1.0,
-    )  # fmt: skip
-    models = {"aligned": "a", "unaligned": "u", "finetuned": "f", "safety": "s"}
-    (root / "merge").mkdir()
-    report = Report(Settings(), models, [record])
-    write_json_atomic(str(root / "merge" / REPORT_FILENAME), report.to_json())
-    (root / "tune").mkdir()
-    tune = {"format": TUNE.format, "summary": "the tune's summary"}
-    write_json_atomic(str(root / "tune" / TUNE.manifest), tune)
+    write_finished_folders(root)
     return root
 
 
@@ -79,7 +67,7 @@ def test_help_and_version_import_no_heavy_library(args):
 @pytest.mark.parametrize("folder", ["merge", "tune"])
 def test_report_imports_no_heavy_library(finished, folder):
     output, heavy = _run("report", str(finished / folder))
-    expected = "the tune's summary" if folder == "tune" else "merged 1 of 1 changed matrices"
+    expected = "tuned" if folder == "tune" else "merged 1 of 1 changed matrices"
     assert expected in output
     assert heavy == []
 
