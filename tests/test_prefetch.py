@@ -103,3 +103,16 @@ def test_it_starts_a_daemon_thread_and_can_be_turned_off(
     thread.join(timeout=30)
     monkeypatch.setenv(prefetch.READ_AHEAD_ENV, "0")
     assert prefetch.read_ahead_adapter_inputs(config) is None
+
+
+def test_it_imports_no_torch_and_no_mergekit():
+    """It runs before the command imports mergekit, so it must not import it (or torch) itself."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mergekit_safemerge.prefetch\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'mergekit', 'peft'}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
