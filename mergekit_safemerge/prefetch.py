@@ -5,13 +5,16 @@ CPU) and only then reads its tensors (seconds of disk when the model files are n
 cache, as in the first merge of a downloaded model). :func:`read_ahead_adapter_inputs` overlaps
 the two: from the recipe alone (the YAML, the shard indexes and the safetensors headers; no
 torch, no mergekit) it finds the byte ranges of the tensors the adapter command reads (the
-modules the adapters change, in the aligned and the unaligned model) and asks the kernel to read
-them into the page cache (``posix_fadvise(POSIX_FADV_WILLNEED)``), from a daemon thread.
+modules the adapters change, in the aligned and the unaligned model) and reads them once, from a
+daemon thread, in large chunks into one reused buffer, so that they are in the page cache when
+mergekit's loader maps them. ``os.preadv`` releases the GIL, so the imports go on meanwhile;
+large sequential reads are also what the disk serves fastest (docs/performance.md, "Reading
+ahead", compares the kernel's own hint).
 
-It is a hint and nothing else: it reads no tensor itself, anything it cannot find or parse is
-skipped without a word, and the command checks and reads every input as before. It asks for at
-most a quarter of the memory available, so what it reads ahead is not pushed out again before
-use. ``MERGEKIT_SAFEMERGE_READ_AHEAD=0`` turns it off.
+It is a hint and nothing else: the bytes it reads are thrown away, anything it cannot find or
+parse is skipped without a word, and the command checks and reads every input as before. It
+reads at most a quarter of the memory available, so what it reads ahead is not pushed out again
+before use. ``MERGEKIT_SAFEMERGE_READ_AHEAD=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from collections.abc import Iterable, Iterator
 from mergekit_safemerge.sources import looks_local
 
 READ_AHEAD_ENV = "MERGEKIT_SAFEMERGE_READ_AHEAD"
+CHUNK = 16 * 1024 * 1024
+"""Bytes per read of the read-ahead."""
 MEMORY_SHARE = 0.25
 """The most of ``MemAvailable`` one read-ahead asks for."""
 ADAPTER_KEYS = ("finetuned_adapter", "safety_adapter")
@@ -40,7 +45,7 @@ def read_ahead_adapter_inputs(config_file: str) -> threading.Thread | None:
     when there is nothing to do (turned off, no local model, anything unreadable)."""
     if os.environ.get(READ_AHEAD_ENV, "1").strip().lower() in {"0", "false", "no", "off"}:
         return None
-    if not hasattr(os, "posix_fadvise"):
+    if not hasattr(os, "preadv"):
         return None
     try:
         ranges = list(_within_budget(adapter_input_ranges(config_file), _budget()))
@@ -48,7 +53,7 @@ def read_ahead_adapter_inputs(config_file: str) -> threading.Thread | None:
         return None
     if not ranges:
         return None
-    thread = threading.Thread(target=_advise, args=(ranges,), name="read-ahead", daemon=True)
+    thread = threading.Thread(target=_read, args=(ranges,), name="read-ahead", daemon=True)
     thread.start()
     return thread
 
@@ -154,15 +159,23 @@ def _within_budget(ranges: Iterable[Range], budget: int) -> Iterator[Range]:
         yield path, offset, length
 
 
-def _advise(ranges: list[Range]) -> None:
-    """Ask the kernel to read each range into the page cache (it reads in the background)."""
+def _read(ranges: list[Range]) -> None:
+    """Read each range once, in chunks into one reused buffer, so that it is in the page cache
+    when the command reads it (``os.preadv`` releases the GIL: the imports go on meanwhile)."""
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
     for path, offset, length in ranges:
         try:
             descriptor = os.open(path, os.O_RDONLY)
         except OSError:
             continue
         try:
-            os.posix_fadvise(descriptor, offset, length, os.POSIX_FADV_WILLNEED)
+            end = offset + length
+            while offset < end:
+                got = os.preadv(descriptor, [view[: min(CHUNK, end - offset)]], offset)
+                if got <= 0:
+                    break
+                offset += got
         except OSError:
             pass
         finally:
