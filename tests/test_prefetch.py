@@ -7,28 +7,20 @@ import os
 
 import pytest
 import yaml
+from helpers import write_config
 from safetensors import safe_open
 
 from mergekit_safemerge import prefetch
 
 
-def _recipe(tmp_path, paths: dict[str, str], **parameters) -> str:
-    recipe = {
-        "merge_method": "safemerge",
-        "base_model": paths["aligned"],
-        "models": [{"model": paths["unaligned"], "parameters": {"role": "unaligned"}}],
-        "parameters": parameters,
-        "dtype": "float32",
-    }
-    path = tmp_path / "recipe.yml"
-    path.write_text(yaml.safe_dump(recipe))
-    return str(path)
-
-
 def _adapter_recipe(tmp_path, paths: dict[str, str], adapters: dict[str, str]) -> str:
     """The recipe with both LoRA roles as adapter parameters."""
-    return _recipe(
-        tmp_path, paths, finetuned_adapter=adapters["finetuned"], safety_adapter=adapters["safety"]
+    roles = {"aligned": paths["aligned"], "unaligned": paths["unaligned"]}
+    return write_config(
+        tmp_path / "recipe.yml",
+        roles,
+        finetuned_adapter=adapters["finetuned"],
+        safety_adapter=adapters["safety"],
     )
 
 
