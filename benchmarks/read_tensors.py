@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import glob
-import json
 import os
-import struct
 import sys
 from collections.abc import Callable, Iterable
+
+from mergekit_safemerge.prefetch import read_header, read_range
 
 CHUNK = 64 * 1024 * 1024
 Sink = Callable[[str, memoryview], None]
@@ -29,10 +29,7 @@ def tensor_ranges(path: str, patterns: Iterable[str]) -> list[tuple[str, int, in
     """(name, start, end) absolute byte ranges in ``path`` of the tensors matching a pattern,
     in file order."""
     patterns = tuple(patterns)
-    with open(path, "rb", buffering=0) as fp:
-        (length,) = struct.unpack("<Q", fp.read(8))
-        header = json.loads(fp.read(length))
-    base = 8 + length
+    header, base = read_header(path)
     ranges = [
         (name, base + entry["data_offsets"][0], base + entry["data_offsets"][1])
         for name, entry in header.items()
@@ -42,15 +39,12 @@ def tensor_ranges(path: str, patterns: Iterable[str]) -> list[tuple[str, int, in
 
 
 def _read(fd: int, name: str, start: int, end: int, buffer: memoryview, sink: Sink | None) -> int:
-    offset = start
-    while offset < end:
-        view = buffer[: min(len(buffer), end - offset)]
-        got = os.preadv(fd, [view], offset)
-        if got == 0:
-            raise OSError(f"{name}: file ends at byte {offset}, before {end}")
-        if sink is not None:
-            sink(name, view[:got])
-        offset += got
+    """Bytes ``[start, end)`` of ``fd`` (:func:`~mergekit_safemerge.prefetch.read_range`, the
+    reader of safemerge adapter's read-ahead); ``sink(name, piece)`` sees each piece."""
+    try:
+        read_range(fd, start, end, buffer, None if sink is None else lambda p: sink(name, p))
+    except OSError as error:
+        raise OSError(f"{name}: {error}") from None
     return end - start
 
 

@@ -23,7 +23,7 @@ import json
 import os
 import struct
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from mergekit_safemerge.sources import looks_local
 
@@ -103,18 +103,38 @@ def _recipe_folders(recipe: object) -> tuple[list[str], list[str]]:
     return local(models), local(adapters)
 
 
-def _header(path: str) -> tuple[dict, int]:
+def read_header(path: str) -> tuple[dict, int]:
     """A safetensors file's JSON header (an 8-byte little-endian length, then the JSON) and
-    where its data begin."""
+    where its data begin (``data_offsets`` count from there)."""
     with open(path, "rb") as fp:
         (length,) = struct.unpack("<Q", fp.read(8))
         return json.loads(fp.read(length)), 8 + length
 
 
+def read_range(
+    descriptor: int,
+    start: int,
+    end: int,
+    buffer: memoryview,
+    sink: Callable[[memoryview], None] | None = None,
+) -> None:
+    """Read bytes ``[start, end)`` of an open file with ``os.preadv`` in pieces of at most
+    ``len(buffer)`` into ``buffer``; ``sink`` sees each piece. OSError when the file ends first."""
+    offset = start
+    while offset < end:
+        view = buffer[: min(len(buffer), end - offset)]
+        got = os.preadv(descriptor, [view], offset)
+        if got <= 0:
+            raise OSError(f"the file ends at byte {offset}, before {end}")
+        if sink is not None:
+            sink(view[:got])
+        offset += got
+
+
 def _adapted_weights(adapter_file: str) -> set[str]:
     """``module.weight`` for every module a PEFT LoRA file holds factors of."""
     names = set()
-    for key in _header(adapter_file)[0]:
+    for key in read_header(adapter_file)[0]:
         for suffix in _LORA_SUFFIXES:
             if key.endswith(suffix):
                 names.add(key.removesuffix(suffix).removeprefix(_PEFT_PREFIX) + ".weight")
@@ -134,7 +154,7 @@ def _tensor_ranges(folder: str, wanted: set[str]) -> list[Range]:
     ranges = []
     for shard in shards:
         path = os.path.realpath(os.path.join(folder, shard))
-        header, start = _header(path)
+        header, start = read_header(path)
         for name in sorted(wanted & header.keys(), key=lambda n: header[n]["data_offsets"][0]):
             begin, end = header[name]["data_offsets"]
             ranges.append((path, start + begin, end - begin))
@@ -160,22 +180,16 @@ def _within_budget(ranges: Iterable[Range], budget: int) -> Iterator[Range]:
 
 
 def _read(ranges: list[Range]) -> None:
-    """Read each range once, in chunks into one reused buffer, so that it is in the page cache
-    when the command reads it (``os.preadv`` releases the GIL: the imports go on meanwhile)."""
-    buffer = bytearray(CHUNK)
-    view = memoryview(buffer)
+    """Read each range once into one reused buffer, so that it is in the page cache when the
+    command reads it (``os.preadv`` releases the GIL: the imports go on meanwhile)."""
+    buffer = memoryview(bytearray(CHUNK))
     for path, offset, length in ranges:
         try:
             descriptor = os.open(path, os.O_RDONLY)
         except OSError:
             continue
         try:
-            end = offset + length
-            while offset < end:
-                got = os.preadv(descriptor, [view[: min(CHUNK, end - offset)]], offset)
-                if got <= 0:
-                    break
-                offset += got
+            read_range(descriptor, offset, offset + length, buffer)
         except OSError:
             pass
         finally:
