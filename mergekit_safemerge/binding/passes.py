@@ -132,9 +132,9 @@ class MergePass(Pass):
             if self.written is None:
                 return weight
             return _finite(inputs.name, weight, inputs.finetuned_source, self.written)
-        merged = output.to(inputs.aligned.tensor.dtype)
+        # the rule returns the merged weight in the model's dtype (``apply_rule(dtype=...)``)
         return _finite(
-            inputs.name, merged, "the merge (overflow in the output dtype)", self.written
+            inputs.name, output, "the merge (overflow in the output dtype)", self.written
         )
 
 
